@@ -1,0 +1,97 @@
+"""The MoE++ layer: route -> dispatcher.dispatch -> FFN experts -> dispatcher.combine, plus the zero-computation
+experts computed right here so they can never enter a dispatcher (and so never an all-to-all).
+
+With zero zero-computation experts and no gating residual this is a plain top-k MoE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from model.config import MoEConfig
+from model.dispatch import LocalDispatcher
+from model.experts import ConstantExperts, FFNExperts
+from model.router import Router
+
+
+@dataclass
+class RoutingStats:
+    """Per-layer routing counters. Tensors stay on the device (detached) until the logger reads them."""
+
+    expert_counts_E: Tensor  # kept assignments per expert, expert order [FFN, constant, copy, zero]
+    dropped: Tensor  # assignments dropped by the capacity limit
+    num_tokens: int
+    bytes_sent: int = 0  # all-to-all bytes this rank sent for dispatch + combine
+    bytes_received: int = 0
+
+
+class MoELayer(nn.Module):
+    def __init__(self, hidden_size: int, cfg: MoEConfig, ffn_hidden_size: int, has_residual: bool) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_ffn = cfg.num_experts
+        self.first_constant = cfg.num_experts
+        self.first_copy = self.first_constant + cfg.num_constant_experts
+        self.first_zero = self.first_copy + cfg.num_copy_experts
+        self.router = Router(hidden_size, cfg, has_residual)
+        self.experts = FFNExperts(cfg.num_experts, hidden_size, cfg.expert_ffn_hidden_size or ffn_hidden_size)
+        self.constant = ConstantExperts(cfg.num_constant_experts, hidden_size) if cfg.num_constant_experts else None
+        # Not a submodule and not state: parallel/expert_parallel.py swaps it for the all-to-all dispatcher.
+        self.dispatcher = LocalDispatcher()
+
+    def forward(self, x_TD: Tensor, prev_logits_TE: Tensor | None) -> tuple[Tensor, Tensor, Tensor, RoutingStats]:
+        """Returns (output [T, D], router logits for the next MoE layer [T, E], balance loss L_b, stats)."""
+        route = self.router(x_TD, prev_logits_TE)
+        T, K = route.expert_idx_TK.shape
+        # Never in place: x_TD needs its gradient.
+        x_in = x_TD * K if self.cfg.scale_input_by_topk else x_TD
+
+        out = self.zero_computation_output(x_in, route.expert_idx_TK, route.gates_TK)
+        expert_idx_A = route.expert_idx_TK.reshape(-1)
+        gates_A = route.gates_TK.reshape(-1)
+        kept_A = route.kept_TK.reshape(-1)
+
+        # Sort assignments by expert once; every non-FFN (or dropped) assignment gets the sentinel key num_ffn
+        # and lands after the FFN ones, where the dispatcher never looks.
+        key_A = torch.where((expert_idx_A < self.num_ffn) & kept_A, expert_idx_A, self.num_ffn)
+        order_A = torch.argsort(key_A, stable=True)
+        tokens_per_expert = torch.bincount(key_A, minlength=self.num_ffn + 1)[: self.num_ffn]
+        token_idx_A = order_A // K
+        dispatched = self.dispatcher.dispatch(x_in, token_idx_A, tokens_per_expert)
+        y_AD = self.experts(dispatched.x_AD, dispatched.tokens_per_expert)
+        y_AD = self.dispatcher.combine(y_AD, dispatched)
+        n = y_AD.shape[0]
+        out = out.index_add(0, token_idx_A[:n], y_AD.float() * gates_A[order_A[:n], None])
+
+        counts = torch.zeros(self.cfg.num_total_experts, dtype=torch.long, device=x_TD.device)
+        counts.scatter_add_(0, expert_idx_A, kept_A.long())
+        stats = RoutingStats(
+            expert_counts_E=counts.detach(),
+            dropped=(T * K - kept_A.sum()).detach(),
+            num_tokens=T,
+            bytes_sent=2 * dispatched.bytes_sent,
+            bytes_received=2 * dispatched.bytes_received,
+        )
+        return out.to(x_TD.dtype), route.logits_TE, route.balance_loss, stats
+
+    def zero_computation_output(self, x_TD: Tensor, expert_idx_TK: Tensor, gates_TK: Tensor) -> Tensor:
+        """Weighted sum of the copy and constant experts' outputs per token, fp32 [T, D]. Zero experts add nothing.
+
+        Written as per-token coefficients (dense over tokens, no gather/scatter of D-wide rows and no host sync):
+        out = c_x * x + sum_c coef_c * a2_c * v_c, with c_x = sum of copy gates + sum_c coef_c * a1_c."""
+        is_copy = (expert_idx_TK >= self.first_copy) & (expert_idx_TK < self.first_zero)
+        x_coef_T = (gates_TK * is_copy).sum(dim=-1)
+        v_term_TD = None
+        if self.constant is not None:
+            n_const = self.cfg.num_constant_experts
+            is_const = (expert_idx_TK >= self.first_constant) & (expert_idx_TK < self.first_copy)
+            slot_TK = (expert_idx_TK - self.first_constant).clamp(0, n_const - 1)
+            gate_TC = gates_TK.new_zeros(gates_TK.shape[0], n_const).scatter_add(1, slot_TK, gates_TK * is_const)
+            a_TC2 = self.constant.mix(x_TD)
+            x_coef_T = x_coef_T + (gate_TC * a_TC2[..., 0]).sum(dim=-1)
+            v_term_TD = (gate_TC * a_TC2[..., 1]) @ self.constant.v.float()
+        out = x_coef_T[:, None] * x_TD.float()
+        return out if v_term_TD is None else out + v_term_TD

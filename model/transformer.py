@@ -1,0 +1,189 @@
+"""The plain single-device decoder: embedding, pre-norm blocks, final norm, untied LM head.
+
+Shape legend used throughout `model/`: B batch, S sequence, T tokens (B*S), D hidden, H query heads, G key/value
+heads, Dh head dim, F FFN width, V vocabulary, E experts (FFN + zero-computation), K top-k, A assignments (T*K).
+
+Nothing here imports torch.distributed: `parallel/` rewrites this model for tensor/expert/pipeline parallelism.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.config import ModelConfig, MoEConfig
+from model.moe import MoELayer, RoutingStats
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos/sin tables [S, Dh] in the rotate-half convention (pairs are (i, i + Dh/2), as in HF LLaMA)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x_BHSD: Tensor, cos_SD: Tensor, sin_SD: Tensor) -> Tensor:
+    half = x_BHSD.shape[-1] // 2
+    rotated = torch.cat([-x_BHSD[..., half:], x_BHSD[..., :half]], dim=-1)
+    return (x_BHSD * cos_SD + rotated * sin_SD).to(x_BHSD.dtype)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query attention through scaled_dot_product_attention, no biases."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.kv_heads
+        self.head_dim = cfg.head_dim
+        self.wq = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.hidden_size, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.hidden_size, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x_BSD: Tensor, cos_SD: Tensor, sin_SD: Tensor) -> Tensor:
+        B, S, _ = x_BSD.shape
+        # -1 instead of the configured head counts: tensor parallelism shards the projections, so each rank sees
+        # only its own heads.
+        q = self.wq(x_BSD).view(B, S, -1, self.head_dim).transpose(1, 2)
+        k = self.wk(x_BSD).view(B, S, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(x_BSD).view(B, S, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos_SD, sin_SD), apply_rope(k, cos_SD, sin_SD)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        return self.wo(out.transpose(1, 2).reshape(B, S, -1))
+
+
+class DenseFFN(nn.Module):
+    """SwiGLU: w_down(silu(w_gate x) * w_up x). Separate gate/up matrices so tensor parallelism can shard each."""
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int) -> None:
+        super().__init__()
+        self.w_gate = nn.Linear(hidden_size, ffn_hidden_size, bias=False)
+        self.w_up = nn.Linear(hidden_size, ffn_hidden_size, bias=False)
+        self.w_down = nn.Linear(ffn_hidden_size, hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class Block(nn.Module):
+    """h = x + Attn(RMSNorm(x)); out = h + FFN(RMSNorm(h)), where FFN is an MoE(++) layer or a dense SwiGLU."""
+
+    def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig, layer_idx: int, has_residual: bool) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.attention_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.is_moe = moe_cfg.is_moe_layer(layer_idx)
+        self.ffn: nn.Module
+        if self.is_moe:
+            self.ffn = MoELayer(cfg.hidden_size, moe_cfg, ffn_hidden_size=cfg.ffn_hidden_size, has_residual=has_residual)
+        else:
+            self.ffn = DenseFFN(cfg.hidden_size, cfg.ffn_hidden_size)
+
+    def forward(
+        self, x_BSD: Tensor, router_logits_TE: Tensor | None, cos_SD: Tensor, sin_SD: Tensor
+    ) -> tuple[Tensor, Tensor | None, MoEAux | None]:
+        h = x_BSD + self.attention(self.attention_norm(x_BSD), cos_SD, sin_SD)
+        normed = self.ffn_norm(h)
+        if not self.is_moe:
+            return h + self.ffn(normed), router_logits_TE, None
+        B, S, D = normed.shape
+        out_TD, logits_TE, balance_loss, stats = self.ffn(normed.reshape(B * S, D), router_logits_TE)
+        return h + out_TD.view(B, S, D), logits_TE, MoEAux(self.layer_idx, balance_loss, stats)
+
+
+@dataclass
+class MoEAux:
+    layer_idx: int
+    balance_loss: Tensor
+    stats: RoutingStats
+
+
+@dataclass
+class ModelOutput:
+    logits_BSV: Tensor
+    # Pre-normalisation router logits of the last MoE layer (fp32): the gating residual a following pipeline
+    # stage would consume. None for a model without MoE layers.
+    router_logits_TE: Tensor | None
+    # Sum over MoE layers of the heterogeneous balance loss L_b (not yet multiplied by moe.balance_coeff).
+    balance_loss: Tensor
+    moe_layers: list[MoEAux] = field(default_factory=list)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg, self.moe_cfg = cfg, moe_cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # A ModuleDict keyed by the global layer index (as torchtitan does) so a pipeline stage can drop the
+        # layers it does not own and keep the names of the rest.
+        self.layers = nn.ModuleDict()
+        seen_moe = False
+        for i in range(cfg.num_layers):
+            # The first MoE layer has no previous logits, hence no gating residual (and no gate_map parameter).
+            has_residual = moe_cfg.gating_residual and seen_moe
+            self.layers[str(i)] = Block(cfg, moe_cfg, i, has_residual)
+            seen_moe = seen_moe or moe_cfg.is_moe_layer(i)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        std = self.cfg.init_std
+        # Output projections get the GPT-2 depth scaling so the residual stream does not grow with depth.
+        out_std = std / math.sqrt(2 * self.cfg.num_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith("constant.v"):
+                p.normal_(0.0, 1.0)  # MoE++ spec: constant vectors v ~ N(0, 1)
+            elif name.endswith(("wo.weight", "w_down.weight", "experts.w_down")):
+                p.normal_(0.0, out_std)
+            else:
+                p.normal_(0.0, std)
+
+    def forward(self, tokens_BS: Tensor) -> ModelOutput:
+        S = tokens_BS.shape[1]
+        cos, sin = self.rope_cos[:S], self.rope_sin[:S]
+        h = self.tok_embeddings(tokens_BS)
+        router_logits: Tensor | None = None
+        aux: list[MoEAux] = []
+        for block in self.layers.values():
+            h, router_logits, layer_aux = block(h, router_logits, cos, sin)
+            if layer_aux is not None:
+                aux.append(layer_aux)
+        logits = self.output(self.norm(h))
+        balance = torch.stack([a.balance_loss for a in aux]).sum() if aux else logits.new_zeros((), dtype=torch.float32)
+        return ModelOutput(logits, router_logits, balance, aux)
+
+    def num_params(self, active_only: bool = False) -> int:
+        """Parameter count; with active_only, FFN experts count as top_k / N_ffn of their size (an upper bound
+        for MoE++, whose tokens use fewer than top_k FFN experts)."""
+        total = 0
+        for name, p in self.named_parameters():
+            n = p.numel()
+            if active_only and ".experts." in name and self.moe_cfg.enabled:
+                n = n * min(self.moe_cfg.top_k, self.moe_cfg.num_experts) // self.moe_cfg.num_experts
+            total += n
+        return total

@@ -1,0 +1,314 @@
+"""Typed run configuration: YAML + `dotted.key=value` overrides -> dataclasses, validated once before anything runs.
+
+Every error is a `ConfigError` whose message is one line naming the dotted key, the reason and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from model.config import ConfigError, ModelConfig, MoEConfig, require
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1  # tensor parallel (attention heads, dense FFN, vocabulary)
+    ep: int = 1  # expert parallel: FFN experts sharded over ep ranks; must divide dp
+    pp: int = 1  # pipeline stages
+    dp: int | None = None  # data parallel; null: WORLD_SIZE / (tp * pp)
+    sequence_parallel: bool = False
+
+    def validate(self) -> None:
+        for name in ("tp", "ep", "pp"):
+            require(getattr(self, name) >= 1, f"parallel.{name}", f"must be >= 1, got {getattr(self, name)}")
+        if self.dp is not None:
+            require(self.dp >= 1, "parallel.dp", f"must be >= 1 or null, got {self.dp}")
+
+
+@dataclass
+class SyntheticConfig:
+    """The embedded default corpus (data/synthetic.py): words = a random head token + a fixed, fully determined
+    tail, so hard and easy tokens are mixed and the loss floor is known exactly."""
+
+    num_words: int = 96
+    max_tail: int = 6
+    zipf_exponent: float = 1.0
+    num_tokens: int = 1_000_000
+
+
+@dataclass
+class DataConfig:
+    # null: the embedded synthetic corpus. Otherwise a .txt or .jsonl file, tokenised byte-level (ids 0..255,
+    # end-of-document 256) until a trained tokenizer is configured.
+    path: str | None = None
+    jsonl_key: str = "text"
+    seq_len: int = 128
+    valid_fraction: float = 0.01
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def validate(self) -> None:
+        require(self.seq_len > 0, "data.seq_len", f"must be positive, got {self.seq_len}")
+        require(0 <= self.valid_fraction < 1, "data.valid_fraction", "must be in [0, 1)")
+        s = self.synthetic
+        require(s.num_words >= 2, "data.synthetic.num_words", "must be >= 2")
+        require(s.max_tail >= 0, "data.synthetic.max_tail", "must be >= 0")
+        require(s.zipf_exponent >= 0, "data.synthetic.zipf_exponent", "must be >= 0")
+        require(s.num_tokens > 0, "data.synthetic.num_tokens", "must be positive")
+        if self.path is not None:
+            require(Path(self.path).is_file(), "data.path", f"file {self.path} does not exist; give an existing "
+                    ".txt/.jsonl file or null for the synthetic corpus")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 20
+    warmup_init_lr: float = 0.0
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0  # 0 disables clipping
+
+    def validate(self) -> None:
+        require(self.lr > 0, "optim.lr", f"must be positive, got {self.lr}")
+        require(0 <= self.min_lr <= self.lr, "optim.min_lr", f"must be in [0, optim.lr={self.lr}], got {self.min_lr}")
+        require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        require(0 <= self.warmup_init_lr <= self.lr, "optim.warmup_init_lr", "must be in [0, optim.lr]")
+        require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        require(0 <= self.beta1 < 1, "optim.beta1", "must be in [0, 1)")
+        require(0 <= self.beta2 < 1, "optim.beta2", "must be in [0, 1)")
+        require(self.eps > 0, "optim.eps", "must be positive")
+        require(self.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 disables clipping)")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 300
+    global_batch_size: int = 16  # sequences per optimizer step, across all data-parallel ranks and micro-batches
+    micro_batch_size: int = 16  # sequences per forward/backward on one rank
+    seed: int = 1234
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    run_dir: str | None = None  # null: runs/<config file name>
+    eval_interval: int = 100  # 0 disables evaluation
+    eval_batches: int = 4
+
+    def validate(self) -> None:
+        require(self.max_steps > 0, "train.max_steps", f"must be positive, got {self.max_steps}")
+        require(self.global_batch_size > 0, "train.global_batch_size", "must be positive")
+        require(self.micro_batch_size > 0, "train.micro_batch_size", "must be positive")
+        require(
+            self.global_batch_size % self.micro_batch_size == 0,
+            "train.global_batch_size",
+            f"{self.global_batch_size} is not a multiple of train.micro_batch_size={self.micro_batch_size}",
+        )
+        require(self.eval_interval >= 0, "train.eval_interval", "must be >= 0")
+        require(self.eval_batches > 0, "train.eval_batches", "must be positive")
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str | None = None  # null: <run_dir>/checkpoints
+    interval: int = 0  # steps between checkpoints; 0: only the final one
+    keep_last: int = 2
+
+    def validate(self) -> None:
+        require(self.interval >= 0, "checkpoint.interval", "must be >= 0")
+        require(self.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 10  # steps between console lines / metrics.jsonl records
+    progress_bar: bool = True
+
+    def validate(self) -> None:
+        require(self.interval >= 1, "logging.interval", "must be >= 1")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # The preset's name (config file stem); names the default run directory.
+    name: str = "run"
+
+    def validate(self) -> Config:
+        for section in (self.model, self.moe, self.parallel, self.data, self.optim, self.train, self.checkpoint,
+                        self.logging):
+            section.validate()
+        require(
+            self.data.seq_len <= self.model.max_seq_len,
+            "data.seq_len",
+            f"{self.data.seq_len} > model.max_seq_len={self.model.max_seq_len}; raise max_seq_len or shorten seq_len",
+        )
+        require(
+            self.optim.warmup_steps < self.train.max_steps,
+            "optim.warmup_steps",
+            f"{self.optim.warmup_steps} >= train.max_steps={self.train.max_steps}; shorten the warm-up",
+        )
+        if self.moe.enabled:
+            require(
+                self.moe.num_experts % self.parallel.ep == 0,
+                "parallel.ep",
+                f"moe.num_experts={self.moe.num_experts} is not divisible by ep={self.parallel.ep}",
+            )
+        else:
+            require(self.parallel.ep == 1, "parallel.ep", "must be 1 when moe.num_experts is 0 (no experts to shard)")
+        tp = self.parallel.tp
+        for key, value in (("model.num_heads", self.model.num_heads), ("model.num_kv_heads", self.model.kv_heads),
+                           ("model.vocab_size", self.model.vocab_size),
+                           ("model.ffn_hidden_size", self.model.ffn_hidden_size)):
+            require(value % tp == 0, key, f"{value} is not divisible by parallel.tp={tp}")
+        if self.data.path is None:
+            need = self.data.synthetic.num_words * (1 + self.data.synthetic.max_tail) + 1
+            require(
+                need <= self.model.vocab_size,
+                "data.synthetic.num_words",
+                f"the synthetic corpus may use up to {need} token ids > model.vocab_size={self.model.vocab_size}; "
+                "use fewer words or a shorter max_tail",
+            )
+        else:
+            require(self.model.vocab_size >= 257, "model.vocab_size",
+                    f"{self.model.vocab_size} < 257 needed by the byte-level tokenizer of data.path")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.train.run_dir or f"runs/{self.name}")
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else self.run_dir / "checkpoints"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; returns the (possibly converted) value or raises ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping (section), got {value!r}")
+        return build(tp, value, key + ".")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {tp}")  # a bug in the dataclass, not in the YAML
+
+
+def build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types with the dotted key."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(f"{prefix}{key}: unknown key; known keys here: {', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"{text}: an override must look like dotted.key=value (e.g. train.max_steps=50)")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"{text}: an override must look like dotted.key=value (e.g. train.max_steps=50)")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for i, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{'.'.join(path[: i + 1])}: is a value, not a section; cannot set {text}")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """YAML file (or None for all defaults) + overrides -> validated Config."""
+    data: dict[str, Any] = {}
+    name = "run"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found; pass an existing YAML file such as configs/tiny-cpu.yaml")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, moe:, train:, ...)")
+        data = loaded or {}
+        name = path.stem
+    data = apply_overrides(data, overrides or [])
+    data.setdefault("name", name)
+    return build(Config, data).validate()

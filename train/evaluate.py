@@ -1,0 +1,48 @@
+"""Validation loss and, on the synthetic corpus, how many FFN experts easy and hard positions use."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from data.synthetic import SyntheticCorpus
+from model.moe import MoELayer
+from model.router import RouterOutput
+from train.step import lm_loss
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: list[Tensor], amp: contextlib.AbstractContextManager,
+             corpus: SyntheticCorpus | None = None) -> dict[str, Any]:
+    was_training = model.training
+    model.eval()
+    routes: list[RouterOutput] = []
+    moe_layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    # Forward hooks on the routers see each layer's choices without the model keeping any per-token state.
+    hooks = [m.router.register_forward_hook(lambda _m, _i, out: routes.append(out)) for m in moe_layers]
+    try:
+        losses, easy_ffn, hard_ffn = [], [], []
+        for tokens in batches:
+            routes.clear()
+            with amp:
+                out = model(tokens[:, :-1])
+            losses.append(lm_loss(out, tokens[:, 1:]))
+            if corpus is not None and routes:
+                # A position is easy when the token it predicts is a tail token (fully determined by context).
+                easy = torch.from_numpy(~corpus.is_head(tokens[:, 1:].cpu().numpy())).reshape(-1).to(tokens.device)
+                n_ffn = moe_layers[0].num_ffn
+                ffn_T = torch.stack([((r.expert_idx_TK < n_ffn) & r.kept_TK).sum(-1).float() for r in routes]).mean(0)
+                easy_ffn.append(ffn_T[easy])
+                hard_ffn.append(ffn_T[~easy])
+        result: dict[str, Any] = {"val_loss": torch.stack(losses).mean().item()}  # host sync, eval only
+        if easy_ffn:
+            result["ffn_per_token_easy"] = torch.cat(easy_ffn).mean().item()
+            result["ffn_per_token_hard"] = torch.cat(hard_ffn).mean().item()
+        return result
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)

@@ -1,0 +1,85 @@
+"""One optimizer step: forward/backward over the micro-batches, gradient clipping, AdamW update.
+
+Loss = mean token cross-entropy + moe.balance_coeff * (sum over MoE layers of L_b). Nothing here syncs with the
+host: losses and routing counters stay device tensors until the logger reads them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.moe import RoutingStats
+from model.transformer import ModelOutput
+
+
+@dataclass
+class StepResult:
+    loss: Tensor  # mean cross-entropy over the step's tokens (detached)
+    balance_loss: Tensor  # mean over micro-batches of sum_layers L_b (detached)
+    grad_norm: Tensor
+    routing: list[RoutingStats]  # one per MoE layer, counters summed over micro-batches
+
+
+def autocast_context(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA by default; fp32 (no autocast) on CPU unless train.dtype says bf16."""
+    use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def lm_loss(output: ModelOutput, targets_BS: Tensor) -> Tensor:
+    logits = output.logits_BSV
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets_BS.reshape(-1))
+
+
+def merge_routing(total: list[RoutingStats] | None, new: list[RoutingStats]) -> list[RoutingStats]:
+    if total is None:
+        return list(new)
+    return [
+        RoutingStats(a.expert_counts_E + b.expert_counts_E, a.dropped + b.dropped, a.num_tokens + b.num_tokens,
+                     a.bytes_sent + b.bytes_sent, a.bytes_received + b.bytes_received)
+        for a, b in zip(total, new, strict=True)
+    ]
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: list[Tensor],
+    balance_coeff: float,
+    clip_grad: float,
+    amp: contextlib.AbstractContextManager | None = None,
+    reduce_grads: Callable[[], None] | None = None,
+) -> StepResult:
+    """micro_batches: token windows [b, S+1]; inputs are [:, :-1], targets [:, 1:]."""
+    amp = amp or contextlib.nullcontext()
+    n = len(micro_batches)
+    ce_sum = torch.zeros((), device=micro_batches[0].device)
+    bal_sum = torch.zeros((), device=micro_batches[0].device)
+    routing: list[RoutingStats] | None = None
+    for tokens in micro_batches:
+        with amp:
+            out = model(tokens[:, :-1])
+        ce = lm_loss(out, tokens[:, 1:])
+        # Every micro-batch has the same token count, so dividing by n makes the gradient that of the step mean.
+        ((ce + balance_coeff * out.balance_loss) / n).backward()
+        ce_sum += ce.detach()
+        bal_sum += out.balance_loss.detach()
+        routing = merge_routing(routing, [a.stats for a in out.moe_layers])
+    if reduce_grads is not None:
+        reduce_grads()
+    params = [p for p in model.parameters() if p.grad is not None]
+    if clip_grad > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad, foreach=True)
+    else:
+        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(ce_sum / n, bal_sum / n, grad_norm.detach(), routing or [])
