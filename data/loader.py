@@ -20,8 +20,10 @@ class WindowDataset:
 
     def __init__(self, tokens: np.ndarray, seq_len: int, name: str = "dataset") -> None:
         if len(tokens) < seq_len + 1:
-            raise ValueError(f"{name}: {len(tokens)} tokens is shorter than one sequence of {seq_len + 1}; "
-                             "use more data or a smaller data.seq_len")
+            raise ValueError(
+                f"{name}: {len(tokens)} tokens is shorter than one sequence of {seq_len + 1}; "
+                "use more data or a smaller data.seq_len"
+            )
         self.tokens = tokens
         self.seq_len = seq_len
 
@@ -57,7 +59,9 @@ class TrainData:
     sampler: ShuffledSampler
     corpus: SyntheticCorpus | None  # set for the synthetic corpus: knows the loss floor and easy tokens
 
-    def global_batch(self, consumed_samples: int, global_batch_size: int, dp_rank: int = 0, dp_size: int = 1) -> torch.Tensor:
+    def global_batch(
+        self, consumed_samples: int, global_batch_size: int, dp_rank: int = 0, dp_size: int = 1
+    ) -> torch.Tensor:
         """This data-parallel rank's share of the global batch starting at consumed_samples: [G/dp, seq_len+1]."""
         per_rank = global_batch_size // dp_size
         start = consumed_samples + dp_rank * per_rank

@@ -35,14 +35,15 @@ class Router(nn.Module):
         self.cfg = cfg
         n = cfg.num_total_experts
         if cfg.router.two_layer:
-            self.wg: nn.Module = nn.Sequential(nn.Linear(hidden_size, 8 * n, bias=False), nn.Tanh(),
-                                               nn.Linear(8 * n, n, bias=False))
+            self.wg: nn.Module = nn.Sequential(
+                nn.Linear(hidden_size, 8 * n, bias=False), nn.Tanh(), nn.Linear(8 * n, n, bias=False)
+            )
         else:
             self.wg = nn.Linear(hidden_size, n, bias=False)
         self.gate_map = nn.Linear(n, n, bias=False) if has_residual else None
         # eta_i of the heterogeneous balance loss: 1 for FFN experts, tau for zero-computation experts.
         eta = torch.ones(n)
-        eta[cfg.num_experts:] = cfg.tau
+        eta[cfg.num_experts :] = cfg.tau
         self.register_buffer("eta_E", eta, persistent=False)
 
     def compute_logits(self, x_TD: Tensor, prev_logits_TE: Tensor | None) -> Tensor:
@@ -70,7 +71,11 @@ class Router(nn.Module):
         probs = scores.softmax(dim=-1)
         top_p, expert_idx = probs.topk(cfg.top_k, dim=-1)
         gates = self.apply_gate_convention(top_p, expert_idx)
-        kept = self.capacity_mask(expert_idx) if cfg.capacity_factor is not None else torch.ones_like(gates, dtype=torch.bool)
+        kept = (
+            self.capacity_mask(expert_idx)
+            if cfg.capacity_factor is not None
+            else torch.ones_like(gates, dtype=torch.bool)
+        )
         gates = gates * kept
         return RouterOutput(logits, probs, expert_idx, gates, kept, self.balance_loss(probs, expert_idx))
 
@@ -90,8 +95,9 @@ class Router(nn.Module):
         assert cfg.capacity_factor is not None
         a = num_tokens * cfg.top_k
         denom = cfg.tau * cfg.num_experts + cfg.num_zc_experts
-        c_ffn = math.ceil(cfg.capacity_factor * cfg.tau * a / denom)
-        c_zc = math.ceil(cfg.capacity_factor * a / denom)
+        # The 1e-9 keeps float noise (1.1 * 200 / 10 = 22.000000000000004) from adding a slot.
+        c_ffn = math.ceil(cfg.capacity_factor * cfg.tau * a / denom - 1e-9)
+        c_zc = math.ceil(cfg.capacity_factor * a / denom - 1e-9)
         caps = torch.full((cfg.num_total_experts,), c_zc, dtype=torch.long)
         caps[: cfg.num_experts] = c_ffn
         return caps

@@ -93,7 +93,9 @@ class Block(nn.Module):
         self.is_moe = moe_cfg.is_moe_layer(layer_idx)
         self.ffn: nn.Module
         if self.is_moe:
-            self.ffn = MoELayer(cfg.hidden_size, moe_cfg, ffn_hidden_size=cfg.ffn_hidden_size, has_residual=has_residual)
+            self.ffn = MoELayer(
+                cfg.hidden_size, moe_cfg, ffn_hidden_size=cfg.ffn_hidden_size, has_residual=has_residual
+            )
         else:
             self.ffn = DenseFFN(cfg.hidden_size, cfg.ffn_hidden_size)
 

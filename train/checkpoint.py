@@ -56,8 +56,9 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> tup
     try:
         state = torch.load(state_file, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated or corrupted file: say which one
-        raise ValueError(f"{state_file}: cannot be read ({type(e).__name__}); the file is damaged, "
-                         "resume from an earlier step") from None
+        raise ValueError(
+            f"{state_file}: cannot be read ({type(e).__name__}); the file is damaged, resume from an earlier step"
+        ) from None
     return state, json.loads(meta_file.read_text())
 
 

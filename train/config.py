@@ -62,8 +62,11 @@ class DataConfig:
         require(s.zipf_exponent >= 0, "data.synthetic.zipf_exponent", "must be >= 0")
         require(s.num_tokens > 0, "data.synthetic.num_tokens", "must be positive")
         if self.path is not None:
-            require(Path(self.path).is_file(), "data.path", f"file {self.path} does not exist; give an existing "
-                    ".txt/.jsonl file or null for the synthetic corpus")
+            require(
+                Path(self.path).is_file(),
+                "data.path",
+                f"file {self.path} does not exist; give an existing .txt/.jsonl file or null for the synthetic corpus",
+            )
 
 
 @dataclass
@@ -150,18 +153,21 @@ class Config:
     name: str = "run"
 
     def validate(self) -> Config:
-        for section in (self.model, self.moe, self.parallel, self.data, self.optim, self.train, self.checkpoint,
-                        self.logging):
+        for section in (
+            self.model,
+            self.moe,
+            self.parallel,
+            self.data,
+            self.optim,
+            self.train,
+            self.checkpoint,
+            self.logging,
+        ):
             section.validate()
         require(
             self.data.seq_len <= self.model.max_seq_len,
             "data.seq_len",
             f"{self.data.seq_len} > model.max_seq_len={self.model.max_seq_len}; raise max_seq_len or shorten seq_len",
-        )
-        require(
-            self.optim.warmup_steps < self.train.max_steps,
-            "optim.warmup_steps",
-            f"{self.optim.warmup_steps} >= train.max_steps={self.train.max_steps}; shorten the warm-up",
         )
         if self.moe.enabled:
             require(
@@ -172,9 +178,12 @@ class Config:
         else:
             require(self.parallel.ep == 1, "parallel.ep", "must be 1 when moe.num_experts is 0 (no experts to shard)")
         tp = self.parallel.tp
-        for key, value in (("model.num_heads", self.model.num_heads), ("model.num_kv_heads", self.model.kv_heads),
-                           ("model.vocab_size", self.model.vocab_size),
-                           ("model.ffn_hidden_size", self.model.ffn_hidden_size)):
+        for key, value in (
+            ("model.num_heads", self.model.num_heads),
+            ("model.num_kv_heads", self.model.kv_heads),
+            ("model.vocab_size", self.model.vocab_size),
+            ("model.ffn_hidden_size", self.model.ffn_hidden_size),
+        ):
             require(value % tp == 0, key, f"{value} is not divisible by parallel.tp={tp}")
         if self.data.path is None:
             need = self.data.synthetic.num_words * (1 + self.data.synthetic.max_tail) + 1
@@ -185,8 +194,11 @@ class Config:
                 "use fewer words or a shorter max_tail",
             )
         else:
-            require(self.model.vocab_size >= 257, "model.vocab_size",
-                    f"{self.model.vocab_size} < 257 needed by the byte-level tokenizer of data.path")
+            require(
+                self.model.vocab_size >= 257,
+                "model.vocab_size",
+                f"{self.model.vocab_size} < 257 needed by the byte-level tokenizer of data.path",
+            )
         return self
 
     @property
@@ -216,14 +228,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                pass
         raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)
@@ -243,6 +254,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads `3e-4` (no dot) as a string; accept what Python reads as a number.
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -298,7 +315,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"{path}: config file not found; pass an existing YAML file such as configs/tiny-cpu.yaml")
+            raise ConfigError(
+                f"{path}: config file not found; pass an existing YAML file such as configs/tiny-cpu.yaml"
+            )
         try:
             loaded = yaml.safe_load(path.read_text())
         except yaml.YAMLError as e:

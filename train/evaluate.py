@@ -15,8 +15,12 @@ from train.step import lm_loss
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: list[Tensor], amp: contextlib.AbstractContextManager,
-             corpus: SyntheticCorpus | None = None) -> dict[str, Any]:
+def evaluate(
+    model: nn.Module,
+    batches: list[Tensor],
+    amp: contextlib.AbstractContextManager,
+    corpus: SyntheticCorpus | None = None,
+) -> dict[str, Any]:
     was_training = model.training
     model.eval()
     routes: list[RouterOutput] = []

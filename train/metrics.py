@@ -24,17 +24,19 @@ def routing_summary(stats: list[RoutingStats], moe: MoEConfig) -> dict[str, Any]
         const = sum(counts[n_ffn : n_ffn + n_const])
         copy = sum(counts[n_ffn + n_const : n_ffn + n_const + n_copy])
         zero = sum(counts[n_ffn + n_const + n_copy :])
-        layers.append({
-            "ffn_per_token": ffn / s.num_tokens,
-            "share_ffn": ffn / total,
-            "share_constant": const / total,
-            "share_copy": copy / total,
-            "share_zero": zero / total,
-            "dropped": int(s.dropped.item()) / total,
-            "expert_load": [c / total for c in counts],
-            "a2a_bytes_sent": s.bytes_sent,
-            "a2a_bytes_received": s.bytes_received,
-        })
+        layers.append(
+            {
+                "ffn_per_token": ffn / s.num_tokens,
+                "share_ffn": ffn / total,
+                "share_constant": const / total,
+                "share_copy": copy / total,
+                "share_zero": zero / total,
+                "dropped": int(s.dropped.item()) / total,
+                "expert_load": [c / total for c in counts],
+                "a2a_bytes_sent": s.bytes_sent,
+                "a2a_bytes_received": s.bytes_received,
+            }
+        )
     summary: dict[str, Any] = {"layers": layers}
     if layers:
         summary["ffn_per_token"] = sum(x["ffn_per_token"] for x in layers) / len(layers)
@@ -53,8 +55,9 @@ class MetricsLogger:
     """Writes one JSON object per logging interval to metrics.jsonl and one line to the console (above a
     progress bar when stderr is a terminal)."""
 
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int = 0, progress_bar: bool = True,
-                 enabled: bool = True) -> None:
+    def __init__(
+        self, run_dir: Path, total_steps: int, start_step: int = 0, progress_bar: bool = True, enabled: bool = True
+    ) -> None:
         self.enabled = enabled
         self.total_steps = total_steps
         self.path = run_dir / "metrics.jsonl"

@@ -43,8 +43,13 @@ def merge_routing(total: list[RoutingStats] | None, new: list[RoutingStats]) -> 
     if total is None:
         return list(new)
     return [
-        RoutingStats(a.expert_counts_E + b.expert_counts_E, a.dropped + b.dropped, a.num_tokens + b.num_tokens,
-                     a.bytes_sent + b.bytes_sent, a.bytes_received + b.bytes_received)
+        RoutingStats(
+            a.expert_counts_E + b.expert_counts_E,
+            a.dropped + b.dropped,
+            a.num_tokens + b.num_tokens,
+            a.bytes_sent + b.bytes_sent,
+            a.bytes_received + b.bytes_received,
+        )
         for a, b in zip(total, new, strict=True)
     ]
 

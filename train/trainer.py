@@ -41,7 +41,6 @@ def run(cfg: Config) -> dict[str, Any]:
     (run_dir / "metrics.jsonl").write_text("")  # a fresh run starts a fresh log
 
     tc = cfg.train
-    accum = tc.global_batch_size // tc.micro_batch_size
     tokens_per_step = tc.global_batch_size * cfg.data.seq_len
     valid_batches = [b.to(device) for b in data.valid_batches(tc.micro_batch_size, tc.eval_batches)]
     logger = MetricsLogger(run_dir, tc.max_steps, progress_bar=cfg.logging.progress_bar)
@@ -61,8 +60,9 @@ def run(cfg: Config) -> dict[str, Any]:
         set_lr(optimizer, lr)
         batch = data.global_batch(consumed, tc.global_batch_size).to(device)
         consumed += tc.global_batch_size
-        result = train_step(model, optimizer, list(batch.split(tc.micro_batch_size)), cfg.moe.balance_coeff,
-                            cfg.optim.clip_grad, amp)
+        result = train_step(
+            model, optimizer, list(batch.split(tc.micro_batch_size)), cfg.moe.balance_coeff, cfg.optim.clip_grad, amp
+        )
         interval_steps += 1
         logger.advance()
 
