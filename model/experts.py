@@ -15,8 +15,8 @@ from torch import Tensor, nn
 
 
 def _grouped_mm_usable(x: Tensor) -> bool:
-    # torch._grouped_mm is fast on Hopper in bf16. On CPU it exists but is slower than the loop, and its backward
-    # rejects broadcast gradients, so the loop stays the CPU path.
+    # torch._grouped_mm is fast on Hopper in bf16. On CPU it exists, but its backward rejects broadcast (stride-0)
+    # gradients (docs/dependencies.md), so the loop over experts stays the CPU path.
     return x.is_cuda and hasattr(torch, "_grouped_mm") and _compute_dtype(x) == torch.bfloat16
 
 

@@ -78,7 +78,7 @@ def test_training_in_process_matches_a_manual_loop(tmp_path):
 
     torch.manual_seed(cfg.train.seed)
     model = Decoder(cfg.model, cfg.moe)
-    opt = build_optimizer(model, cfg.optim, torch.device("cpu"))
+    opt = build_optimizer(model, cfg.optim)
     data = build_data(cfg.data, cfg.train.seed)
     for step in range(3):
         set_lr(opt, lr_at(step, cfg.optim, 3))

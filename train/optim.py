@@ -10,7 +10,7 @@ from torch import nn
 from train.config import OptimConfig
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if not p.requires_grad:
@@ -23,8 +23,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
         eps=cfg.eps,
-        # The fused kernel exists for CUDA; on CPU the foreach implementation is the fast one.
-        fused=device.type == "cuda",
+        # The fused kernel exists for CUDA and (since torch 2.4) CPU; on CPU it is ~5x faster than foreach
+        # (docs/dependencies.md). It replaces apex's FusedAdam.
+        fused=True,
     )
 
 

@@ -31,7 +31,7 @@ def run(cfg: Config) -> dict[str, Any]:
     device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     model = Decoder(cfg.model, cfg.moe).to(device)
-    optimizer = build_optimizer(model, cfg.optim, device)
+    optimizer = build_optimizer(model, cfg.optim)
     data = build_data(cfg.data, cfg.train.seed)
     amp = autocast_context(device, cfg.train.dtype)
 
