@@ -33,6 +33,12 @@ class FFNExperts(nn.Module):
         self.ffn_hidden_size = ffn_hidden_size
         self.w_up = nn.Parameter(torch.empty(num_experts, 2 * ffn_hidden_size, hidden_size))
         self.w_down = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_hidden_size))
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        # Decoder.init_weights re-initialises with depth scaling; this keeps a standalone layer usable.
+        nn.init.normal_(self.w_up, std=std)
+        nn.init.normal_(self.w_down, std=std)
 
     def forward(self, x_AD: Tensor, tokens_per_expert: list[int]) -> Tensor:
         """x_AD holds the rows of expert 0, then expert 1, ... (counts in tokens_per_expert, a host list)."""
@@ -63,6 +69,11 @@ class ConstantExperts(nn.Module):
         super().__init__()
         self.w_c = nn.Parameter(torch.empty(num_experts, 2, hidden_size))
         self.v = nn.Parameter(torch.empty(num_experts, hidden_size))
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        nn.init.normal_(self.w_c, std=std)
+        nn.init.normal_(self.v, std=1.0)  # MoE++ spec: v ~ N(0, 1)
 
     def mix(self, x_TD: Tensor) -> Tensor:
         """[a1, a2] = softmax(W_c x) for each token and constant expert: [T, n, 2]."""

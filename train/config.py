@@ -15,21 +15,7 @@ from typing import Any, Literal
 import yaml
 
 from model.config import ConfigError, ModelConfig, MoEConfig, require
-
-
-@dataclass
-class ParallelConfig:
-    tp: int = 1  # tensor parallel (attention heads, dense FFN, vocabulary)
-    ep: int = 1  # expert parallel: FFN experts sharded over ep ranks; must divide dp
-    pp: int = 1  # pipeline stages
-    dp: int | None = None  # data parallel; null: WORLD_SIZE / (tp * pp)
-    sequence_parallel: bool = False
-
-    def validate(self) -> None:
-        for name in ("tp", "ep", "pp"):
-            require(getattr(self, name) >= 1, f"parallel.{name}", f"must be >= 1, got {getattr(self, name)}")
-        if self.dp is not None:
-            require(self.dp >= 1, "parallel.dp", f"must be >= 1 or null, got {self.dp}")
+from parallel.config import ParallelConfig
 
 
 @dataclass

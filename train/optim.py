@@ -6,18 +6,22 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from train.config import OptimConfig
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        # Norm gains (1-D) are not decayed, as in Megatron and torchtitan.
-        (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # Norm gains (1-D) are not decayed, as in Megatron and torchtitan. Tensor-parallel (DTensor) and plain
+    # parameters go to separate groups: the fused kernel refuses to mix them in one call.
+    buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            buckets.setdefault((p.ndim >= 2, isinstance(p, DTensor)), []).append(p)
+    groups = [
+        {"params": params, "weight_decay": cfg.weight_decay if decay else 0.0}
+        for (decay, _), params in sorted(buckets.items())
+    ]
     return torch.optim.AdamW(
         groups,
         lr=cfg.lr,

@@ -7,15 +7,17 @@ host: losses and routing counters stay device tensors until the logger reads the
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 
 from model.moe import RoutingStats
 from model.transformer import ModelOutput
+from parallel.grads import GradSync
 
 
 @dataclass
@@ -34,9 +36,18 @@ def autocast_context(device: torch.device, dtype: str) -> contextlib.AbstractCon
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def loss_context(output: ModelOutput) -> contextlib.AbstractContextManager:
+    """Vocabulary-parallel cross-entropy when tensor parallelism left the logits sharded over the vocabulary
+    (forward and backward must both run inside it)."""
+    return loss_parallel() if isinstance(output.logits_BSV, DTensor) else contextlib.nullcontext()
+
+
 def lm_loss(output: ModelOutput, targets_BS: Tensor) -> Tensor:
     logits = output.logits_BSV
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets_BS.reshape(-1))
+    with loss_context(output):
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets_BS.reshape(-1))
+    # loss_parallel returns a replicated DTensor; its local value is the full loss on every tp rank.
+    return loss.to_local() if isinstance(loss, DTensor) else loss
 
 
 def merge_routing(total: list[RoutingStats] | None, new: list[RoutingStats]) -> list[RoutingStats]:
@@ -61,7 +72,7 @@ def train_step(
     balance_coeff: float,
     clip_grad: float,
     amp: contextlib.AbstractContextManager | None = None,
-    reduce_grads: Callable[[], None] | None = None,
+    grad_sync: GradSync | None = None,
 ) -> StepResult:
     """micro_batches: token windows [b, S+1]; inputs are [:, :-1], targets [:, 1:]."""
     amp = amp or contextlib.nullcontext()
@@ -74,17 +85,17 @@ def train_step(
             out = model(tokens[:, :-1])
         ce = lm_loss(out, tokens[:, 1:])
         # Every micro-batch has the same token count, so dividing by n makes the gradient that of the step mean.
-        ((ce + balance_coeff * out.balance_loss) / n).backward()
+        with loss_context(out):
+            ((ce + balance_coeff * out.balance_loss) / n).backward()
         ce_sum += ce.detach()
         bal_sum += out.balance_loss.detach()
         routing = merge_routing(routing, [a.stats for a in out.moe_layers])
-    if reduce_grads is not None:
-        reduce_grads()
-    params = [p for p in model.parameters() if p.grad is not None]
-    if clip_grad > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad, foreach=True)
+    if grad_sync is not None:
+        grad_sync.reduce()
+        grad_norm = grad_sync.clip_(clip_grad)
     else:
-        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+        params = [p for p in model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad > 0 else float("inf"), foreach=True)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(ce_sum / n, bal_sum / n, grad_norm.detach(), routing or [])

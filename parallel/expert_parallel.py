@@ -1,0 +1,80 @@
+"""Expert parallelism: FFN experts sharded over the ep group, tokens moved by an all-to-all that skips
+zero-computation experts.
+
+`MoELayer` hands a dispatcher only its FFN assignments, sorted by global expert id; experts are sharded
+contiguously (rank r owns experts [r*L, (r+1)*L)), so the sorted rows are already grouped by destination rank.
+Copy/constant/zero experts are replicated on every rank and computed where the token lives, so their assignments
+never enter the all-to-all: its volume is the FFN share of the vanilla volume.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+from torch import Tensor, nn
+
+from model.dispatch import DispatchResult
+from model.moe import MoELayer
+
+
+class AllToAllDispatcher:
+    def __init__(self, group: dist.ProcessGroup, num_experts: int) -> None:
+        self.group = group
+        self.ep_size = dist.get_world_size(group)
+        self.ep_rank = dist.get_rank(group)
+        self.num_local = num_experts // self.ep_size
+
+    def dispatch(self, x_TD: Tensor, token_idx_A: Tensor, tokens_per_expert_E: Tensor) -> DispatchResult:
+        ep, L = self.ep_size, self.num_local
+        # recv[src * L + l]: rows rank `src` sends to my local expert l.
+        recv_counts = torch.empty_like(tokens_per_expert_E)
+        dist.all_to_all_single(recv_counts, tokens_per_expert_E, group=self.group)
+        # host-device sync: the one per layer. Split sizes must be host ints for the all-to-all and the groups.
+        counts = torch.cat([tokens_per_expert_E, recv_counts]).tolist()
+        send, recv = counts[: ep * L], counts[ep * L :]
+        send_splits = [sum(send[r * L : (r + 1) * L]) for r in range(ep)]
+        recv_splits = [sum(recv[r * L : (r + 1) * L]) for r in range(ep)]
+        n_send, n_recv = sum(send_splits), sum(recv_splits)
+
+        x_send = x_TD[token_idx_A[:n_send]]
+        x_recv = funcol.all_to_all_single_autograd(x_send, recv_splits, send_splits, group=self.group)
+        # Received rows are grouped by (source rank, local expert); experts want them grouped by local expert.
+        local_expert = torch.arange(ep * L, device=x_TD.device) % L
+        row_expert = torch.repeat_interleave(local_expert, recv_counts, output_size=n_recv)
+        by_expert = torch.argsort(row_expert, stable=True)
+        back = torch.empty_like(by_expert)
+        back[by_expert] = torch.arange(n_recv, device=x_TD.device)
+        tokens_per_local = [sum(recv[r * L + e] for r in range(ep)) for e in range(L)]
+        row_bytes = x_TD.shape[1] * x_TD.element_size()
+        # The combine all-to-all returns exactly the received rows, so over the round trip a rank sends and
+        # receives (n_send + n_recv) rows. Rows a rank keeps for its own experts are counted too: they are part of
+        # the collective's buffers, which keeps "MoE++ volume = FFN share x vanilla volume" exact.
+        moved = (n_send + n_recv) * row_bytes
+        return DispatchResult(
+            x_recv[by_expert],
+            tokens_per_local,
+            state={"back": back, "send_splits": send_splits, "recv_splits": recv_splits, "n_send": n_send},
+            bytes_sent=moved,
+            bytes_received=moved,
+        )
+
+    def combine(self, y_AD: Tensor, dispatched: DispatchResult) -> Tensor:
+        s = dispatched.state
+        return funcol.all_to_all_single_autograd(y_AD[s["back"]], s["send_splits"], s["recv_splits"], group=self.group)
+
+
+def apply_expert_parallel(model: nn.Module, group: dist.ProcessGroup) -> None:
+    """Keep this rank's contiguous slice of every MoE layer's FFN experts and install the all-to-all dispatcher.
+    Router, constant/copy/zero experts stay replicated."""
+    ep_size, ep_rank = dist.get_world_size(group), dist.get_rank(group)
+    for layer in model.modules():
+        if not isinstance(layer, MoELayer):
+            continue
+        experts = layer.experts
+        local = experts.num_experts // ep_size
+        sl = slice(ep_rank * local, (ep_rank + 1) * local)
+        experts.w_up = nn.Parameter(experts.w_up.detach()[sl].clone())
+        experts.w_down = nn.Parameter(experts.w_down.detach()[sl].clone())
+        experts.num_experts = local
+        layer.dispatcher = AllToAllDispatcher(group, layer.num_ffn)

@@ -1,0 +1,136 @@
+"""Process groups for a torchrun world: world = pp x dp x tp, and dp = edp x ep (experts sharded over ep ranks,
+replicated over the edp = dp / ep expert-data-parallel replicas).
+
+Rank layout (tp fastest, as in Megatron): rank = ((pp_i * edp + edp_i) * ep + ep_i) * tp + tp_i, and the
+data-parallel index is dp_i = edp_i * ep + ep_i, so an expert-parallel group is ep consecutive data-parallel ranks.
+gloo on CPU and NCCL on CUDA are chosen from the device; the code paths are the same.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from model.config import ConfigError, require
+from parallel.config import ParallelConfig
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    tp: int
+    ep: int
+    pp: int
+    dp: int
+
+    @property
+    def edp(self) -> int:
+        return self.dp // self.ep
+
+    @property
+    def world_size(self) -> int:
+        return self.pp * self.dp * self.tp
+
+    @classmethod
+    def from_config(cls, cfg: ParallelConfig, world_size: int) -> ParallelDims:
+        """Validate parallel.* against WORLD_SIZE; dp defaults to WORLD_SIZE / (tp * pp)."""
+        cfg.validate()
+        model_parallel = cfg.tp * cfg.pp
+        require(
+            world_size % model_parallel == 0,
+            "parallel.tp",
+            f"tp x pp = {cfg.tp} x {cfg.pp} = {model_parallel} does not divide WORLD_SIZE={world_size}; "
+            "change tp/pp or the number of processes",
+        )
+        dp = cfg.dp if cfg.dp is not None else world_size // model_parallel
+        require(
+            dp * model_parallel == world_size,
+            "parallel.dp",
+            f"pp x dp x tp = {cfg.pp} x {dp} x {cfg.tp} = {dp * model_parallel} != WORLD_SIZE={world_size}; "
+            "set parallel.dp to null to derive it",
+        )
+        require(
+            dp % cfg.ep == 0,
+            "parallel.ep",
+            f"ep={cfg.ep} does not divide dp={dp} (experts are sharded over data-parallel ranks); "
+            "use an ep that divides WORLD_SIZE / (tp x pp)",
+        )
+        if cfg.pp != 1:
+            raise ConfigError("parallel.pp: pipeline parallelism is not available yet; use pp=1")
+        if cfg.sequence_parallel:
+            raise ConfigError("parallel.sequence_parallel: not available yet; set it to false")
+        return cls(tp=cfg.tp, ep=cfg.ep, pp=cfg.pp, dp=dp)
+
+
+@dataclass
+class ParallelContext:
+    """Where this rank sits. Groups are None in a single process (every size is 1)."""
+
+    dims: ParallelDims
+    rank: int
+    device: torch.device
+    mesh: DeviceMesh | None = None
+
+    @property
+    def distributed(self) -> bool:
+        return self.mesh is not None
+
+    def _coord(self, name: str) -> int:
+        return 0 if self.mesh is None else self.mesh.get_local_rank(name)
+
+    @property
+    def tp_rank(self) -> int:
+        return self._coord("tp")
+
+    @property
+    def ep_rank(self) -> int:
+        return self._coord("ep")
+
+    @property
+    def dp_rank(self) -> int:
+        return self._coord("edp") * self.dims.ep + self._coord("ep")
+
+    def group(self, name: str) -> dist.ProcessGroup | None:
+        """name: tp, ep, edp or dp."""
+        if self.mesh is None:
+            return None
+        return self.mesh[name].get_group()
+
+    @property
+    def tp_mesh(self) -> DeviceMesh | None:
+        return None if self.mesh is None else self.mesh["tp"]
+
+    @property
+    def is_logging_rank(self) -> bool:
+        return self.rank == 0
+
+
+def world_from_env() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) as set by torchrun; a plain `python` run is a world of one."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def init_parallel(cfg: ParallelConfig, device_type: str) -> ParallelContext:
+    """Validate sizes, start the process group (gloo on CPU, NCCL on CUDA) and build the device mesh."""
+    rank, local_rank, world_size = world_from_env()
+    dims = ParallelDims.from_config(cfg, world_size)
+    device = torch.device(device_type, local_rank) if device_type == "cuda" else torch.device(device_type)
+    if world_size == 1:
+        return ParallelContext(dims, 0, device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return ParallelContext(dims, rank, device, build_mesh(dims, device.type))
+
+
+def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh:
+    mesh = init_device_mesh(
+        device_type, (dims.pp, dims.edp, dims.ep, dims.tp), mesh_dim_names=("pp", "edp", "ep", "tp")
+    )
+    # The data-parallel group spans edp x ep. _flatten is how torchtitan names a merged dimension too.
+    mesh["edp", "ep"]._flatten("dp")
+    return mesh

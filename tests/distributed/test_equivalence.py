@@ -1,0 +1,38 @@
+"""Every parallel layout against the single-process model with the same weights (gloo, several processes).
+
+Tolerance: fp32, rtol 1e-4 / atol 1e-5 (tests/distributed/workers.py) for logits, loss, every gradient, the global
+gradient norm and every parameter after 3 AdamW steps.
+"""
+
+import pytest
+
+from tests.distributed import workers
+from tests.distributed.harness import run_world
+
+pytestmark = pytest.mark.slow
+
+LAYOUTS = {
+    "ep2": (2, 1, 2),  # world, tp, ep: dp=2, experts split over 2 ranks
+    "ep4": (4, 1, 4),
+    "tp2": (2, 2, 1),
+    "tp2xep2": (4, 2, 2),  # dp=2 replicas of tp=2, experts split over the 2 replicas
+    "edp2xep2": (4, 1, 2),  # dp=4 = 2 expert replicas x 2 expert shards
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layout_matches_single_process(layout):
+    world, tp, ep = LAYOUTS[layout]
+    run_world(workers.equivalence, world, tp, ep, None, 3)
+
+
+def test_capacity_dropping_matches_single_process_under_ep2():
+    run_world(workers.equivalence, 2, 1, 2, 0.6, 2)
+
+
+def test_all_to_all_volume_is_ffn_share_of_vanilla():
+    run_world(workers.a2a_volume, 2)
+
+
+def test_rank_and_experts_receiving_no_tokens():
+    run_world(workers.empty_rank, 2)

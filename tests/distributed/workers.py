@@ -1,0 +1,164 @@
+"""Process bodies for the multi-process tests (importable, so torch.multiprocessing can spawn them)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+
+from model.config import ModelConfig, MoEConfig
+from model.transformer import Decoder
+from parallel import parallelize
+from parallel.config import ParallelConfig
+from parallel.grads import GradSync, full_tensors
+from parallel.mesh import init_parallel
+from train.config import OptimConfig
+from train.optim import build_optimizer
+from train.step import lm_loss, loss_context, train_step
+
+# fp32 everywhere; the parallel model sums the same numbers in a different order (all-reduce, split matmuls).
+RTOL, ATOL = 1e-4, 1e-5
+# After AdamW steps: Adam divides by sqrt(v), which turns the ~1e-8 summation-order differences of near-zero
+# gradients into visible differences of the update. The test's AdamW uses eps=1e-5 (damping only gradients below
+# ~1e-5) and parameters get atol 1e-4 (1% of one lr=1e-2 step). Gradient scale errors cannot hide here: the step
+# also clips by the global norm, which a double-counted gradient would change.
+PARAM_RTOL, PARAM_ATOL = 1e-3, 1e-4
+ADAM_EPS = 1e-5
+
+
+def tiny_model_configs(vanilla: bool = False, capacity: float | None = None) -> tuple[ModelConfig, MoEConfig]:
+    model = ModelConfig(
+        vocab_size=64, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2, ffn_hidden_size=48, max_seq_len=16
+    )
+    zc = (0, 0, 0) if vanilla else (1, 1, 2)
+    # every_n_layers=2: layers 0 and 2 are MoE, layer 1 is dense, so the gating residual crosses a dense layer.
+    moe = MoEConfig(
+        num_experts=8,
+        num_zero_experts=zc[0],
+        num_copy_experts=zc[1],
+        num_constant_experts=zc[2],
+        top_k=2,
+        expert_ffn_hidden_size=24,
+        every_n_layers=2,
+        gating_residual=not vanilla,
+        capacity_factor=capacity,
+    )
+    return model, moe
+
+
+def _close(name: str, got: torch.Tensor, want: torch.Tensor, rtol: float = RTOL, atol: float = ATOL) -> None:
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def equivalence(rank: int, world: int, tp: int, ep: int, capacity: float | None, steps: int) -> None:
+    ctx = init_parallel(ParallelConfig(tp=tp, ep=ep), "cpu")
+    dp = ctx.dims.dp
+    mcfg, moecfg = tiny_model_configs(capacity=capacity)
+    torch.manual_seed(0)
+    ref = Decoder(mcfg, moecfg)
+    par = parallelize(copy.deepcopy(ref), ctx)
+    g = torch.Generator().manual_seed(1)
+    # Two sequences per data-parallel rank; rank d takes shard d (tp ranks of one replica share it).
+    batches = [torch.randint(0, mcfg.vocab_size, (2 * dp, 13), generator=g) for _ in range(steps + 1)]
+    shards = [list(b.chunk(dp)) for b in batches]
+    mine = ctx.dp_rank
+
+    # Forward/backward of step 0: logits and loss of this rank's shard, and every reduced gradient.
+    ref_losses = []
+    for shard in shards[0]:
+        out = ref(shard[:, :-1])
+        loss = lm_loss(out, shard[:, 1:]) + moecfg.balance_coeff * out.balance_loss
+        (loss / dp).backward()
+        ref_losses.append((out.logits_BSV.detach(), loss.detach()))
+    out = par(shards[0][mine][:, :-1])
+    if capacity is not None:  # the capacity case must really drop something to test dropping
+        dropped = torch.stack([a.stats.dropped for a in out.moe_layers]).sum()
+        dist.all_reduce(dropped)
+        assert dropped > 0
+    loss = lm_loss(out, shards[0][mine][:, 1:]) + moecfg.balance_coeff * out.balance_loss
+    with loss_context(out):
+        loss.backward()
+    logits = out.logits_BSV
+    logits = logits.full_tensor() if hasattr(logits, "full_tensor") else logits
+    _close("logits", logits.detach(), ref_losses[mine][0])
+    _close("loss", loss.detach(), ref_losses[mine][1])
+    sync = GradSync(par, ctx)
+    sync.reduce()
+    grads = full_tensors(par, ctx, grads=True)
+    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+    assert grads.keys() == ref_grads.keys(), sorted(set(grads) ^ set(ref_grads))
+    for name, want in ref_grads.items():
+        _close(f"grad {name}", grads[name], want)
+    # Global norm (clipping) equals the single-process norm of the full gradient.
+    want_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in ref_grads.values()]))
+    _close("grad norm", sync.clip_(0.0), want_norm)
+    ref.zero_grad(set_to_none=True)
+    par.zero_grad(set_to_none=True)
+
+    # Optimizer steps: the reference sees the dp shards as micro-batches (same per-micro-batch statistics).
+    optim_cfg = OptimConfig(lr=1e-2, weight_decay=0.1, eps=ADAM_EPS)
+    opt_ref, opt_par = build_optimizer(ref, optim_cfg), build_optimizer(par, optim_cfg)
+    for step in range(1, steps + 1):
+        r = train_step(ref, opt_ref, shards[step], moecfg.balance_coeff, clip_grad=0.05)
+        p = train_step(par, opt_par, [shards[step][mine]], moecfg.balance_coeff, clip_grad=0.05, grad_sync=sync)
+        _close(f"step {step} grad norm", p.grad_norm, r.grad_norm)
+    params = full_tensors(par, ctx)
+    for name, want in ref.named_parameters():
+        _close(f"param {name} after {steps} steps", params[name], want.detach(), PARAM_RTOL, PARAM_ATOL)
+
+
+def a2a_volume(rank: int, world: int) -> None:
+    """All-to-all bytes of an MoE++ model = FFN share x those of the vanilla twin, over the ep group."""
+    ctx = init_parallel(ParallelConfig(ep=world), "cpu")
+    tokens = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(rank))
+    results = {}
+    for vanilla in (False, True):
+        mcfg, moecfg = tiny_model_configs(vanilla=vanilla)
+        torch.manual_seed(0)
+        model = parallelize(Decoder(mcfg, moecfg), ctx)
+        out = model(tokens)
+        sent = torch.tensor([s.stats.bytes_sent for s in out.moe_layers])
+        received = torch.tensor([s.stats.bytes_received for s in out.moe_layers])
+        ffn = torch.stack([s.stats.expert_counts_E[: moecfg.num_experts].sum() for s in out.moe_layers])
+        total = torch.tensor([s.stats.num_tokens * moecfg.top_k for s in out.moe_layers])
+        for t in (sent, received, ffn, total):
+            dist.all_reduce(t, group=ctx.group("ep"))
+        assert torch.equal(sent, received)
+        results[vanilla] = (sent, ffn, total)
+    sent_pp, ffn_pp, total_pp = results[False]
+    sent_van, ffn_van, total_van = results[True]
+    assert torch.equal(ffn_van, total_van)  # vanilla: every assignment is an FFN assignment
+    assert (ffn_pp < total_pp).all()  # MoE++ sent some tokens to zero-computation experts
+    # bytes_pp / bytes_vanilla == ffn_pp / total_pp, exactly, in integers
+    assert torch.equal(sent_pp * total_pp, sent_van * ffn_pp), (sent_pp, sent_van, ffn_pp, total_pp)
+
+
+def empty_rank(rank: int, world: int) -> None:
+    """All tokens pick experts 0 and 1 (both on ep rank 0): rank 1 receives nothing, six experts get no token.
+    Output and gradients still equal the single-process layer's."""
+    from model.moe import MoELayer
+
+    ctx = init_parallel(ParallelConfig(ep=world), "cpu")
+    _, moecfg = tiny_model_configs()
+    torch.manual_seed(0)
+    ref = MoELayer(16, moecfg, ffn_hidden_size=8, has_residual=False)
+    with torch.no_grad():
+        ref.router.wg.weight.fill_(-1.0)
+        ref.router.wg.weight[:2] = 1.0
+    par = copy.deepcopy(ref)
+    from parallel.expert_parallel import apply_expert_parallel
+
+    apply_expert_parallel(par, ctx.group("ep"))
+    x = torch.rand(6, 16, generator=torch.Generator().manual_seed(rank)) + 0.1  # positive: experts 0, 1 win
+    xs = [torch.rand(6, 16, generator=torch.Generator().manual_seed(r)) + 0.1 for r in range(world)]
+    ref_out = [ref(xi, None)[0] for xi in xs]
+    (torch.stack(ref_out).square().sum() / world).backward()
+    out, _, _, stats = par(x, None)
+    assert stats.expert_counts_E[:2].sum() == 12 and stats.expert_counts_E[2:].sum() == 0
+    _close("output", out, ref_out[rank].detach())
+    out.square().sum().backward()
+    GradSync(par, ctx).reduce()
+    grads = full_tensors(par, ctx, grads=True)
+    for name, p in ref.named_parameters():
+        _close(f"grad {name}", grads[name], p.grad)
