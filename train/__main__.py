@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from model.config import ConfigError
+
+
+def _error(message: str) -> int:
+    # Every rank of a torchrun world sees the same bad input; one line on the console is enough.
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,18 +26,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(config_path, overrides)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return _error(f"config error: {e}")
     from train.trainer import run
 
     try:
         run(cfg)
+    except ConfigError as e:  # layout checks that need WORLD_SIZE run inside run()
+        return _error(f"config error: {e}")
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         # Bad data or device requests surface as one line; real bugs keep their traceback (other exceptions).
         if isinstance(e, RuntimeError) and not str(e).startswith("train."):
             raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _error(f"error: {e}")
     return 0
 
 

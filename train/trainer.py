@@ -1,4 +1,4 @@
-"""The training loop: batch -> train_step -> log -> evaluate -> checkpoint."""
+"""The training loop: batch -> train_step -> log -> evaluate -> checkpoint, on one process or a torchrun world."""
 
 from __future__ import annotations
 
@@ -6,10 +6,16 @@ import time
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import yaml
 
 from data.loader import build_data
+from model.config import ConfigError
+from model.moe import RoutingStats
 from model.transformer import Decoder
+from parallel import parallelize
+from parallel.grads import GradSync
+from parallel.mesh import ParallelContext, init_parallel
 from train.checkpoint import save_checkpoint
 from train.config import Config
 from train.evaluate import evaluate
@@ -18,36 +24,76 @@ from train.optim import build_optimizer, lr_at, set_lr
 from train.step import autocast_context, train_step
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device_type(name: str) -> str:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device: cuda requested but no CUDA device is visible; use train.device=cpu")
-    return torch.device(name)
+    return name
+
+
+def micro_batches_per_step(cfg: Config, dp: int) -> int:
+    tc = cfg.train
+    per_rank, rest = divmod(tc.global_batch_size, dp)
+    if rest or per_rank % tc.micro_batch_size:
+        raise ConfigError(
+            f"train.global_batch_size: {tc.global_batch_size} is not a multiple of micro_batch_size x dp = "
+            f"{tc.micro_batch_size} x {dp}; pick a global batch divisible by {tc.micro_batch_size * dp}"
+        )
+    return per_rank // tc.micro_batch_size
+
+
+def reduce_for_logging(ctx: ParallelContext, values: torch.Tensor, routing: list[RoutingStats]) -> list[RoutingStats]:
+    """Average `values` over data-parallel ranks in place and sum routing counters over them, so the log shows the
+    global batch whatever the layout. Collectives: logging intervals only."""
+    if not ctx.distributed or ctx.dims.dp == 1:
+        return routing
+    group = ctx.group("dp")
+    dist.all_reduce(values, group=group)
+    values /= ctx.dims.dp
+    if not routing:
+        return routing
+    counts = torch.stack([torch.cat([s.expert_counts_E, s.dropped.view(1)]) for s in routing])
+    dist.all_reduce(counts, group=group)
+    # A2A bytes are reported per rank: the mean over data-parallel ranks.
+    moved = torch.tensor([[s.bytes_sent, s.bytes_received] for s in routing], dtype=torch.float64, device=values.device)
+    dist.all_reduce(moved, group=group)
+    return [
+        RoutingStats(c[:-1], c[-1], s.num_tokens * ctx.dims.dp, int(m[0]) // ctx.dims.dp, int(m[1]) // ctx.dims.dp)
+        for c, s, m in zip(counts, routing, moved.tolist(), strict=True)
+    ]
 
 
 def run(cfg: Config) -> dict[str, Any]:
-    """Train according to cfg; returns the last logged record plus final evaluation."""
-    device = resolve_device(cfg.train.device)
-    torch.manual_seed(cfg.train.seed)
-    model = Decoder(cfg.model, cfg.moe).to(device)
+    """Train according to cfg; returns the last logged record (rank 0's view; every rank returns it)."""
+    ctx = init_parallel(cfg.parallel, resolve_device_type(cfg.train.device))
+    device = ctx.device
+    tc = cfg.train
+    n_micro = micro_batches_per_step(cfg, ctx.dims.dp)
+    # Every rank builds the same full model from the same seed, then keeps its shards.
+    torch.manual_seed(tc.seed)
+    model = parallelize(Decoder(cfg.model, cfg.moe).to(device), ctx)
     optimizer = build_optimizer(model, cfg.optim)
-    data = build_data(cfg.data, cfg.train.seed)
-    amp = autocast_context(device, cfg.train.dtype)
+    grad_sync = GradSync(model, ctx)
+    data = build_data(cfg.data, tc.seed)
+    amp = autocast_context(device, tc.dtype)
 
     run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    (run_dir / "metrics.jsonl").write_text("")  # a fresh run starts a fresh log
+    if ctx.is_logging_rank:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        (run_dir / "metrics.jsonl").write_text("")  # a fresh run starts a fresh log
 
-    tc = cfg.train
     tokens_per_step = tc.global_batch_size * cfg.data.seq_len
     valid_batches = [b.to(device) for b in data.valid_batches(tc.micro_batch_size, tc.eval_batches)]
-    logger = MetricsLogger(run_dir, tc.max_steps, progress_bar=cfg.logging.progress_bar)
+    logger = MetricsLogger(run_dir, tc.max_steps, progress_bar=cfg.logging.progress_bar, enabled=ctx.is_logging_rank)
     floor = data.corpus.entropy_per_token if data.corpus is not None else None
+    counts = _param_counts(cfg)
+    d = ctx.dims
     logger.write(
-        f"{cfg.name}: {model.num_params() / 1e6:.2f}M parameters ({model.num_params(active_only=True) / 1e6:.2f}M "
-        f"active at most), {tc.max_steps} steps x {tokens_per_step} tokens on {device}"
+        f"{cfg.name}: {counts[0] / 1e6:.2f}M parameters ({counts[1] / 1e6:.2f}M active at most), "
+        f"{tc.max_steps} steps x {tokens_per_step} tokens on {device}, world {d.world_size} = "
+        f"tp {d.tp} x dp {d.dp} (ep {d.ep}), {n_micro} micro-batch(es) of {tc.micro_batch_size} per rank"
         + (f"; synthetic corpus, loss floor {floor:.4f} nats" if floor is not None else "")
     )
 
@@ -58,48 +104,77 @@ def run(cfg: Config) -> dict[str, Any]:
     for step in range(1, tc.max_steps + 1):
         lr = lr_at(step - 1, cfg.optim, tc.max_steps)
         set_lr(optimizer, lr)
-        batch = data.global_batch(consumed, tc.global_batch_size).to(device)
+        batch = data.global_batch(consumed, tc.global_batch_size, ctx.dp_rank, d.dp).to(device)
         consumed += tc.global_batch_size
         result = train_step(
-            model, optimizer, list(batch.split(tc.micro_batch_size)), cfg.moe.balance_coeff, cfg.optim.clip_grad, amp
+            model,
+            optimizer,
+            list(batch.split(tc.micro_batch_size)),
+            cfg.moe.balance_coeff,
+            cfg.optim.clip_grad,
+            amp,
+            grad_sync,
         )
         interval_steps += 1
         logger.advance()
 
         if step % cfg.logging.interval == 0 or step == tc.max_steps:
-            elapsed = time.perf_counter() - interval_start  # loss.item() below syncs, so this time is honest
+            values = torch.stack([result.loss, result.balance_loss]).float()
+            routing = reduce_for_logging(ctx, values, result.routing)
+            loss, balance = values.tolist()  # host-device sync, once per logging interval
+            elapsed = time.perf_counter() - interval_start  # measured after the sync, so it is honest
             record = {
                 "step": step,
-                "loss": result.loss.item(),
-                "balance_loss": result.balance_loss.item(),
+                "loss": loss,
+                "balance_loss": balance,
                 "lr": lr,
                 "grad_norm": result.grad_norm.item(),
                 "tokens_per_s": interval_steps * tokens_per_step / elapsed,
                 "consumed_samples": consumed,
             }
-            routing = routing_summary(result.routing, cfg.moe)
-            if "ffn_per_token" in routing:
-                record["ffn_per_token"] = routing["ffn_per_token"]
-                record["share_zero_computation"] = routing["share_zero_computation"]
+            summary = routing_summary(routing, cfg.moe)
+            if "ffn_per_token" in summary:
+                record["ffn_per_token"] = summary["ffn_per_token"]
+                record["share_zero_computation"] = summary["share_zero_computation"]
             record["eta_s"] = logger.eta(step)
             if tc.eval_interval and (step % tc.eval_interval == 0 or step == tc.max_steps):
                 record.update(evaluate(model, valid_batches, amp, data.corpus))
-            record["routing"] = routing["layers"]
+            record["routing"] = summary["layers"]
             logger.log(record, console=format_line(record, tc.max_steps, floor))
             interval_start, interval_steps = time.perf_counter(), 0
 
         if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step != tc.max_steps:
-            _save(cfg, model, optimizer, step, consumed)
-    path = _save(cfg, model, optimizer, tc.max_steps, consumed)
-    logger.write(f"final checkpoint: {path}")
+            _save(cfg, ctx, model, optimizer, step, consumed, logger)
+    _save(cfg, ctx, model, optimizer, tc.max_steps, consumed, logger)
     logger.close()
     return record
 
 
-def _save(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, consumed: int):
+def _param_counts(cfg: Config) -> tuple[int, int]:
+    """(total, active) parameters of the unsharded model, counted on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = Decoder(cfg.model, cfg.moe)
+    return model.num_params(), model.num_params(active_only=True)
+
+
+def _save(
+    cfg: Config,
+    ctx: ParallelContext,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    consumed: int,
+    logger: MetricsLogger,
+) -> None:
+    if ctx.distributed:
+        # Sharded (DCP) checkpoints of tp/ep layouts are not implemented yet; a single-file save of one rank's
+        # shards would look complete and be wrong, so nothing is written.
+        logger.write(f"step {step}: checkpoints of distributed layouts are not written yet (single process only)")
+        return
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
     meta = {"consumed_samples": consumed, "config": cfg.to_dict()}
-    return save_checkpoint(cfg.checkpoint_dir, step, state, meta, cfg.checkpoint.keep_last)
+    path = save_checkpoint(cfg.checkpoint_dir, step, state, meta, cfg.checkpoint.keep_last)
+    logger.write(f"checkpoint: {path}")
 
 
 def format_line(r: dict[str, Any], max_steps: int, floor: float | None) -> str:

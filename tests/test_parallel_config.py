@@ -1,0 +1,49 @@
+"""Layout validation against WORLD_SIZE (no processes needed)."""
+
+import pytest
+
+from model.config import ConfigError
+from parallel.config import ParallelConfig
+from parallel.mesh import ParallelDims
+from train.config import load_config
+from train.trainer import micro_batches_per_step
+
+
+def test_dp_defaults_to_world_over_tp_pp():
+    dims = ParallelDims.from_config(ParallelConfig(tp=2, ep=2), world_size=8)
+    assert (dims.dp, dims.edp, dims.world_size) == (4, 2, 8)
+
+
+@pytest.mark.parametrize(
+    ("cfg", "world", "message"),
+    [
+        (ParallelConfig(tp=3), 4, "parallel.tp: tp x pp = 3 x 1 = 3 does not divide WORLD_SIZE=4"),
+        (ParallelConfig(ep=4), 6, "parallel.ep: ep=4 does not divide dp=6"),
+        (ParallelConfig(ep=4), 2, "parallel.ep: ep=4 does not divide dp=2"),
+        (ParallelConfig(dp=3), 4, "parallel.dp: pp x dp x tp = 1 x 3 x 1 = 3 != WORLD_SIZE=4"),
+        (ParallelConfig(tp=0), 4, "parallel.tp: must be >= 1"),
+    ],
+)
+def test_impossible_layouts_are_one_line_errors(cfg, world, message):
+    with pytest.raises(ConfigError) as info:
+        ParallelDims.from_config(cfg, world)
+    assert str(info.value).startswith(message)
+
+
+def test_tiny_cpu_runs_as_is_under_tp2_and_ep_1_2_4():
+    for overrides, world in (
+        ([], 1),
+        (["parallel.tp=2"], 2),
+        (["parallel.ep=2"], 2),
+        (["parallel.ep=4"], 4),
+        (["parallel.tp=2", "parallel.ep=2"], 4),
+    ):
+        cfg = load_config("configs/tiny-cpu.yaml", overrides)
+        dims = ParallelDims.from_config(cfg.parallel, world)
+        assert micro_batches_per_step(cfg, dims.dp) >= 1
+
+
+def test_global_batch_must_split_over_dp_and_micro_batches():
+    cfg = load_config("configs/tiny-cpu.yaml", ["train.global_batch_size=12"])
+    with pytest.raises(ConfigError, match="train.global_batch_size: 12 is not a multiple of micro_batch_size x dp"):
+        micro_batches_per_step(cfg, 4)
