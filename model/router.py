@@ -7,6 +7,7 @@ All router arithmetic is fp32 whatever the autocast state, because top-k decisio
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,9 @@ class Router(nn.Module):
         eta = torch.ones(n)
         eta[cfg.num_experts :] = cfg.tau
         self.register_buffer("eta_E", eta, persistent=False)
+        # Sums the balance statistics over the ranks that hold other tokens of the same micro-batch (sequence
+        # parallelism installs it; model/ itself never communicates). Its backward must be the identity.
+        self.stats_reducer: Callable[[Tensor], Tensor] | None = None
 
     def compute_logits(self, x_TD: Tensor, prev_logits_TE: Tensor | None) -> Tensor:
         """G_j = W_j x + Wg_j G_{j-1} in fp32 (no residual term when this layer has no gate_map)."""
@@ -122,6 +126,10 @@ class Router(nn.Module):
     def balance_loss(self, probs_TE: Tensor, expert_idx_TK: Tensor) -> Tensor:
         """L_b = sum_i eta_i * f_i * P_i; f_i = fraction of tokens whose top-k holds i (sum f = K, before any
         capacity drop), P_i = mean routing probability."""
-        T = probs_TE.shape[0]
-        f = torch.bincount(expert_idx_TK.reshape(-1), minlength=probs_TE.shape[1]).to(probs_TE.dtype) / T
-        return (self.eta_E * f * probs_TE.mean(dim=0)).sum()
+        E = probs_TE.shape[1]
+        counts = torch.bincount(expert_idx_TK.reshape(-1), minlength=E).to(probs_TE.dtype)
+        stats = torch.cat([counts, probs_TE.sum(dim=0), probs_TE.new_tensor([probs_TE.shape[0]])])
+        if self.stats_reducer is not None:
+            stats = self.stats_reducer(stats)
+        f, P = stats[:E] / stats[-1], stats[E : 2 * E] / stats[-1]
+        return (self.eta_E * f * P).sum()

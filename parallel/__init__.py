@@ -12,7 +12,7 @@ def parallelize(model: Decoder, ctx: ParallelContext) -> Decoder:
     from parallel.tensor_parallel import apply_tensor_parallel
 
     if ctx.dims.tp > 1:
-        apply_tensor_parallel(model, ctx.tp_mesh)
+        apply_tensor_parallel(model, ctx.tp_mesh, sequence_parallel=ctx.dims.sp)
     if ctx.dims.ep > 1:
         apply_expert_parallel(model, ctx.group("ep"))
     return model

@@ -72,6 +72,11 @@ class GradSync:
                 # back to the parameter's layout (a local slice, no communication) before anything else.
                 p.grad = p.grad.redistribute(p.device_mesh, p.placements)
         dims = self.ctx.dims
+        if dims.sp:
+            # Sequence parallelism: plain (non-DTensor) parameters, i.e. the MoE layers, saw only this rank's
+            # tokens; their gradients are partial sums over tp. (DTensor norms were summed by redistribute.)
+            partial = [p.grad for p in self.dense + self.expert if not isinstance(p, DTensor)]
+            all_reduce_flat(partial, self.ctx.group("tp"), 1.0)
         if dims.dp == 1:
             return
         all_reduce_flat([_local(p.grad) for p in self.dense], self.ctx.group("dp"), 1.0 / dims.dp)

@@ -25,6 +25,7 @@ class ParallelDims:
     ep: int
     pp: int
     dp: int
+    sp: bool = False  # sequence parallelism over the tp group
 
     @property
     def edp(self) -> int:
@@ -60,9 +61,7 @@ class ParallelDims:
         )
         if cfg.pp != 1:
             raise ConfigError("parallel.pp: pipeline parallelism is not available yet; use pp=1")
-        if cfg.sequence_parallel:
-            raise ConfigError("parallel.sequence_parallel: not available yet; set it to false")
-        return cls(tp=cfg.tp, ep=cfg.ep, pp=cfg.pp, dp=dp)
+        return cls(tp=cfg.tp, ep=cfg.ep, pp=cfg.pp, dp=dp, sp=cfg.sequence_parallel and cfg.tp > 1)
 
 
 @dataclass

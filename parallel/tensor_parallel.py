@@ -2,38 +2,89 @@
 
 Column-parallel q/k/v and FFN gate/up, row-parallel attention output and FFN down, a vocabulary-parallel embedding
 and a vocabulary-parallel LM head whose logits stay sharded for `loss_parallel` cross-entropy. The MoE router and
-the zero-computation experts stay replicated (plain tensors); FFN experts are not tensor-parallel (they are sharded
-by expert parallelism instead), so every tp rank of a data-parallel replica routes the same tokens.
+the zero-computation experts stay replicated (plain tensors); FFN experts are not tensor-parallel (expert
+parallelism shards them instead).
+
+Without sequence parallelism every tp rank of a data-parallel replica routes all of its tokens (the MoE layer is
+replicated over tp). With sequence parallelism the residual stream, the norms and the MoE layers work on this rank's
+slice of the sequence: attention and dense FFNs all-gather it on the way in and reduce-scatter on the way out, an
+MoE layer simply routes only its local tokens, and its balance statistics are summed over tp so the loss equals the
+single-process one. Gradients of parameters that saw only local tokens are summed over tp by GradSync.
 """
 
 from __future__ import annotations
 
-from torch import nn
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
 
+from model.moe import MoELayer
 from model.transformer import Decoder, DenseFFN
 
 
-def apply_tensor_parallel(model: Decoder, tp_mesh: DeviceMesh) -> None:
-    parallelize_module(
-        model,
-        tp_mesh,
-        {
-            "tok_embeddings": RowwiseParallel(input_layouts=Replicate()),
-            "output": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False),
-        },
-    )
+def apply_tensor_parallel(model: Decoder, tp_mesh: DeviceMesh, sequence_parallel: bool = False) -> None:
+    seq = Shard(1) if sequence_parallel else Replicate()
+    top: dict[str, nn.Module] = {
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=seq),
+        "output": ColwiseParallel(input_layouts=seq, output_layouts=Shard(-1), use_local_output=False),
+    }
+    if sequence_parallel:
+        top["norm"] = SequenceParallel()
+    parallelize_module(model, tp_mesh, top)
     for block in model.layers.values():
         plan: dict[str, nn.Module] = {
             "attention.wq": ColwiseParallel(),
             "attention.wk": ColwiseParallel(),
             "attention.wv": ColwiseParallel(),
-            "attention.wo": RowwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=seq),
         }
-        if isinstance(block.ffn, DenseFFN):
+        dense = isinstance(block.ffn, DenseFFN)
+        if dense:
             plan.update(
-                {"ffn.w_gate": ColwiseParallel(), "ffn.w_up": ColwiseParallel(), "ffn.w_down": RowwiseParallel()}
+                {
+                    "ffn.w_gate": ColwiseParallel(),
+                    "ffn.w_up": ColwiseParallel(),
+                    "ffn.w_down": RowwiseParallel(output_layouts=seq),
+                }
             )
+        if sequence_parallel:
+            plan["attention_norm"] = SequenceParallel()
+            plan["attention"] = PrepareModuleInput(
+                input_layouts=(Shard(1), None, None), desired_input_layouts=(Replicate(), None, None)
+            )
+            if dense:
+                plan["ffn_norm"] = SequenceParallel()
+                plan["ffn"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+            else:
+                # The MoE layer takes the local slice of tokens as a plain tensor.
+                plan["ffn_norm"] = SequenceParallel(use_local_output=True)
         parallelize_module(block, tp_mesh, plan)
+    if sequence_parallel:
+        group = tp_mesh.get_group()
+        for layer in model.modules():
+            if isinstance(layer, MoELayer):
+                layer.router.stats_reducer = lambda stats, g=group: SumOverGroup.apply(stats, g)
+
+
+class SumOverGroup(torch.autograd.Function):
+    """All-reduce (sum) whose backward is the identity: every rank computes the same loss from the summed
+    statistics, and each keeps the gradient of its own contribution (summed later over tp with the parameters)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: dist.ProcessGroup) -> Tensor:  # type: ignore[override]
+        y = x.clone()
+        dist.all_reduce(y, group=group)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return grad, None

@@ -164,6 +164,17 @@ class Config:
         else:
             require(self.parallel.ep == 1, "parallel.ep", "must be 1 when moe.num_experts is 0 (no experts to shard)")
         tp = self.parallel.tp
+        if self.parallel.sequence_parallel and tp > 1:
+            require(
+                self.data.seq_len % tp == 0,
+                "data.seq_len",
+                f"{self.data.seq_len} is not divisible by parallel.tp={tp} (sequence parallelism splits it)",
+            )
+            require(
+                self.moe.capacity_factor is None,
+                "moe.capacity_factor",
+                "capacity dropping is not supported with parallel.sequence_parallel; set it to null",
+            )
         for key, value in (
             ("model.num_heads", self.model.num_heads),
             ("model.num_kv_heads", self.model.kv_heads),

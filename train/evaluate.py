@@ -20,7 +20,11 @@ def evaluate(
     batches: list[Tensor],
     amp: contextlib.AbstractContextManager,
     corpus: SyntheticCorpus | None = None,
+    seq_shard: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
+    """Validation loss (and FFN experts per easy/hard position on the synthetic corpus). seq_shard (index, count):
+    under sequence parallelism this rank's MoE layers see only that slice of each sequence, so the easy/hard
+    statistics cover that slice."""
     was_training = model.training
     model.eval()
     routes: list[RouterOutput] = []
@@ -36,7 +40,10 @@ def evaluate(
             losses.append(lm_loss(out, tokens[:, 1:]))
             if corpus is not None and routes:
                 # A position is easy when the token it predicts is a tail token (fully determined by context).
-                easy = torch.from_numpy(~corpus.is_head(tokens[:, 1:].cpu().numpy())).reshape(-1).to(tokens.device)
+                easy = torch.from_numpy(~corpus.is_head(tokens[:, 1:].cpu().numpy()))
+                if seq_shard is not None:
+                    easy = easy.chunk(seq_shard[1], dim=1)[seq_shard[0]]
+                easy = easy.reshape(-1).to(tokens.device)
                 n_ffn = moe_layers[0].num_ffn
                 ffn_T = torch.stack([((r.expert_idx_TK < n_ffn) & r.kept_TK).sum(-1).float() for r in routes]).mean(0)
                 easy_ffn.append(ffn_T[easy])

@@ -46,20 +46,24 @@ def micro_batches_per_step(cfg: Config, dp: int) -> int:
 def reduce_for_logging(ctx: ParallelContext, values: torch.Tensor, routing: list[RoutingStats]) -> list[RoutingStats]:
     """Average `values` over data-parallel ranks in place and sum routing counters over them, so the log shows the
     global batch whatever the layout. Collectives: logging intervals only."""
-    if not ctx.distributed or ctx.dims.dp == 1:
+    if not ctx.distributed:
         return routing
-    group = ctx.group("dp")
-    dist.all_reduce(values, group=group)
-    values /= ctx.dims.dp
-    if not routing:
+    if ctx.dims.dp > 1:
+        dist.all_reduce(values, group=ctx.group("dp"))
+        values /= ctx.dims.dp
+    # Ranks whose MoE layers routed different tokens: data-parallel ranks, and tp ranks under sequence parallelism.
+    groups = [g for g, n in (("dp", ctx.dims.dp), ("tp", ctx.dims.tp if ctx.dims.sp else 1)) if n > 1]
+    if not routing or not groups:
         return routing
+    ranks = ctx.dims.dp * (ctx.dims.tp if ctx.dims.sp else 1)
     counts = torch.stack([torch.cat([s.expert_counts_E, s.dropped.view(1)]) for s in routing])
-    dist.all_reduce(counts, group=group)
-    # A2A bytes are reported per rank: the mean over data-parallel ranks.
+    # A2A bytes are reported per rank: the mean over those ranks.
     moved = torch.tensor([[s.bytes_sent, s.bytes_received] for s in routing], dtype=torch.float64, device=values.device)
-    dist.all_reduce(moved, group=group)
+    for name in groups:
+        dist.all_reduce(counts, group=ctx.group(name))
+        dist.all_reduce(moved, group=ctx.group(name))
     return [
-        RoutingStats(c[:-1], c[-1], s.num_tokens * ctx.dims.dp, int(m[0]) // ctx.dims.dp, int(m[1]) // ctx.dims.dp)
+        RoutingStats(c[:-1], c[-1], s.num_tokens * ranks, int(m[0]) // ranks, int(m[1]) // ranks)
         for c, s, m in zip(counts, routing, moved.tolist(), strict=True)
     ]
 
@@ -138,7 +142,8 @@ def run(cfg: Config) -> dict[str, Any]:
                 record["share_zero_computation"] = summary["share_zero_computation"]
             record["eta_s"] = logger.eta(step)
             if tc.eval_interval and (step % tc.eval_interval == 0 or step == tc.max_steps):
-                record.update(evaluate(model, valid_batches, amp, data.corpus))
+                shard = (ctx.tp_rank, d.tp) if d.sp else None
+                record.update(evaluate(model, valid_batches, amp, data.corpus, shard))
             record["routing"] = summary["layers"]
             logger.log(record, console=format_line(record, tc.max_steps, floor))
             interval_start, interval_steps = time.perf_counter(), 0

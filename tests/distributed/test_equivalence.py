@@ -12,18 +12,20 @@ from tests.distributed.harness import run_world
 pytestmark = pytest.mark.slow
 
 LAYOUTS = {
-    "ep2": (2, 1, 2),  # world, tp, ep: dp=2, experts split over 2 ranks
-    "ep4": (4, 1, 4),
-    "tp2": (2, 2, 1),
-    "tp2xep2": (4, 2, 2),  # dp=2 replicas of tp=2, experts split over the 2 replicas
-    "edp2xep2": (4, 1, 2),  # dp=4 = 2 expert replicas x 2 expert shards
+    "ep2": (2, 1, 2, False),  # world, tp, ep, sequence parallel: dp=2, experts split over 2 ranks
+    "ep4": (4, 1, 4, False),
+    "tp2": (2, 2, 1, False),
+    "tp2xep2": (4, 2, 2, False),  # dp=2 replicas of tp=2, experts split over the 2 replicas
+    "edp2xep2": (4, 1, 2, False),  # dp=4 = 2 expert replicas x 2 expert shards
+    "tp2-sp": (2, 2, 1, True),
+    "tp2-sp-xep2": (4, 2, 2, True),
 }
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_layout_matches_single_process(layout):
-    world, tp, ep = LAYOUTS[layout]
-    run_world(workers.equivalence, world, tp, ep, None, 3)
+    world, tp, ep, sp = LAYOUTS[layout]
+    run_world(workers.equivalence, world, tp, ep, None, 3, sp)
 
 
 def test_capacity_dropping_matches_single_process_under_ep2():

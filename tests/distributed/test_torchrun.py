@@ -44,7 +44,10 @@ def _train(run_dir: Path, nproc: int, overrides: list[str]) -> subprocess.Comple
 def test_layouts_under_torchrun_match_single_process(tmp_path):
     _train(tmp_path / "single", 1, [])
     reference = _losses(tmp_path / "single")
-    for name, overrides in {"ep4": ["parallel.ep=4"], "tp2xep2": ["parallel.tp=2", "parallel.ep=2"]}.items():
+    for name, overrides in {
+        "ep4": ["parallel.ep=4"],
+        "tp2-sp-xep2": ["parallel.tp=2", "parallel.ep=2", "parallel.sequence_parallel=true"],
+    }.items():
         proc = _train(tmp_path / name, 4, overrides)
         assert _losses(tmp_path / name) == pytest.approx(reference, rel=1e-4), name
         assert "world 4" in proc.stdout

@@ -51,8 +51,8 @@ def _close(name: str, got: torch.Tensor, want: torch.Tensor, rtol: float = RTOL,
     torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
-def equivalence(rank: int, world: int, tp: int, ep: int, capacity: float | None, steps: int) -> None:
-    ctx = init_parallel(ParallelConfig(tp=tp, ep=ep), "cpu")
+def equivalence(rank: int, world: int, tp: int, ep: int, capacity: float | None, steps: int, sp: bool = False) -> None:
+    ctx = init_parallel(ParallelConfig(tp=tp, ep=ep, sequence_parallel=sp), "cpu")
     dp = ctx.dims.dp
     mcfg, moecfg = tiny_model_configs(capacity=capacity)
     torch.manual_seed(0)
