@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import yaml
 
+from launch.config import ClusterConfig
 from model.config import ConfigError, ModelConfig, MoEConfig, require
 from parallel.config import ParallelConfig
 
@@ -135,6 +136,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)  # read by `python -m launch` only
     # The preset's name (config file stem); names the default run directory.
     name: str = "run"
 
@@ -150,6 +152,7 @@ class Config:
             self.logging,
         ):
             section.validate()
+        self.cluster.validate()
         require(
             self.data.seq_len <= self.model.max_seq_len,
             "data.seq_len",
@@ -233,6 +236,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ConfigError:
                 pass
         raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {_coerce(k, key_tp, f"{key}.{k}"): _coerce(v, value_tp, f"{key}.{k}") for k, v in value.items()}
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
