@@ -1,80 +1,321 @@
-"""Single-process checkpoints: written to a temporary directory, renamed into place, then `latest` updated.
+"""Sharded checkpoints with PyTorch Distributed Checkpoint (DCP): every rank writes its own shards, any layout
+can load them (DCP reshards), and a kill at any moment never leaves a half checkpoint that looks complete.
 
-A kill at any moment leaves either the previous checkpoint or the new one complete, never a half one under a final
-name. Loading uses `weights_only=True`, so a checkpoint can never execute code.
+Layout of a checkpoint directory `<dir>/step_00001000/`:
+  `__<rank>_0.distcp` + `.metadata`  DCP shards of the model and AdamW state (tensors only)
+  `meta.json`                        step, consumed samples, RNG state, the run's config (written last)
+`<dir>/latest` names the newest complete step directory; it is replaced atomically after the rename.
+
+Sequence of a save: all ranks write into `.tmp-step_XXXXXXXX` -> barrier -> rank 0 writes meta.json, renames the
+directory to `step_XXXXXXXX`, then rewrites `latest`, then prunes old steps. Loading reads tensors with
+`weights_only=True` and the DCP metadata through an unpickler that admits only DCP's own metadata classes, so a
+checkpoint can never execute code.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import pickle
 import shutil
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import Tensor, nn
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.metadata import StorageMeta
+from torch.distributed.tensor import DTensor, Shard
+
+from model.experts import FFNExperts
+from parallel.mesh import ParallelContext
 
 STEP_PREFIX = "step_"
+META_FILE = "meta.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used. One line naming the file or field and what to do."""
 
 
 def step_dir_name(step: int) -> str:
     return f"{STEP_PREFIX}{step:08d}"
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, state: dict[str, Any], meta: dict[str, Any], keep_last: int) -> Path:
-    """state: tensors-only dicts (model, optimizer); meta: JSON-serialisable (step, config, data position)."""
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    final = ckpt_dir / step_dir_name(step)
-    tmp = ckpt_dir / f".tmp-{step_dir_name(step)}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    torch.save(state, tmp / "state.pt")
-    (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=1))
-    _fsync_dir(tmp)
-    if final.exists():  # re-saving the same step (e.g. after a resume): replace it only once the new one is whole
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _write_atomic(ckpt_dir / "latest", final.name + "\n")
-    _prune(ckpt_dir, keep_last)
-    return final
+# ---------------------------------------------------------------------------------------------------------------
+# Safe reading of DCP metadata
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP pickles its metadata; allow only the classes that metadata is made of, never arbitrary callables."""
+
+    _ALLOWED: ClassVar[set[tuple[str, str]]] = {
+        ("pathlib", "PosixPath"),
+        ("pathlib", "WindowsPath"),
+        ("pathlib", "PurePosixPath"),
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),
+        ("collections", "OrderedDict"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module.startswith("torch.distributed.checkpoint.") and not name.startswith("__"):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from checkpoint metadata")
+
+
+class SafeFileSystemReader(FileSystemReader):
+    def read_metadata(self, *args: Any, **kwargs: Any):  # type: ignore[override]
+        path = Path(self.path) / ".metadata"
+        try:
+            with path.open("rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+        except (OSError, EOFError, pickle.UnpicklingError, AttributeError) as e:
+            raise CheckpointError(f"{path}: unreadable DCP metadata ({e}); resume from an earlier step") from None
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# State dicts: live tensors, wrapped so DCP knows how each is sharded
+
+
+def _wrap(t: Tensor, is_expert: bool, ctx: ParallelContext) -> Tensor:
+    """DTensors (tensor parallel) pass through; expert weights sharded over ep become DTensors sharded on dim 0 of
+    the ep mesh; everything else is the full tensor, identical on every rank (DCP keeps one copy)."""
+    if isinstance(t, DTensor):
+        return t
+    t = t.detach()
+    if is_expert and ctx.dims.ep > 1:
+        return DTensor.from_local(t, ctx.mesh["ep"], [Shard(0)], run_check=False)
+    return t
+
+
+def training_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, ctx: ParallelContext) -> dict[str, Any]:
+    """{"model": {name: tensor}, "optim": {name: {"exp_avg", "exp_avg_sq", "step"}}}, views of the live tensors, so
+    dcp.load fills the model and optimizer in place."""
+    expert_ids = {id(p) for m in model.modules() if isinstance(m, FFNExperts) for p in m.parameters()}
+    model_sd, optim_sd = {}, {}
+    for name, p in model.named_parameters():
+        is_expert = id(p) in expert_ids
+        model_sd[name] = _wrap(p, is_expert, ctx)
+        state = optimizer.state.get(p) if optimizer is not None else None
+        if state:
+            optim_sd[name] = {k: (_wrap(v, is_expert, ctx) if v.shape == p.shape else v) for k, v in state.items()}
+    return {"model": model_sd, "optim": optim_sd} if optimizer is not None else {"model": model_sd}
+
+
+def init_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Create AdamW's state tensors (a zero-gradient, zero-lr step) so a checkpoint can be loaded into them."""
+    if all(optimizer.state.get(p) for p in model.parameters()):
+        return
+    saved = [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups]
+    for g in optimizer.param_groups:
+        g["lr"], g["weight_decay"] = 0.0, 0.0
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    for g, (lr, wd) in zip(optimizer.param_groups, saved, strict=True):
+        g["lr"], g["weight_decay"] = lr, wd
+    for state in optimizer.state.values():  # a fresh optimizer has taken no step
+        if "step" in state:
+            state["step"].zero_()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Saving
+
+
+class Checkpointer:
+    def __init__(self, ckpt_dir: Path, ctx: ParallelContext, keep_last: int, async_save: bool = False) -> None:
+        self.dir = Path(ckpt_dir)
+        self.ctx = ctx
+        self.keep_last = keep_last
+        self.async_save = async_save
+        self._pending: tuple[Future, Path, Path, dict[str, Any]] | None = None
+
+    def _barrier(self) -> None:
+        if self.ctx.distributed:
+            dist.barrier()
+
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any]) -> Path:
+        """Write step `step`; with async_save the tensors are staged now and written in the background, and the
+        directory is published (renamed, `latest` moved) by the next save() or by finish()."""
+        self.finish()
+        final = self.dir / step_dir_name(step)
+        tmp = self.dir / f".tmp-{step_dir_name(step)}"
+        if self.ctx.is_logging_rank:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():  # left by a killed run: never complete, safe to drop
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        self._barrier()
+        state = training_state(model, optimizer, self.ctx)
+        meta = {"step": step, **meta, "rng": _rng_state()}
+        writer = FileSystemWriter(tmp)
+        if self.async_save:
+            future = dcp.async_save(state, storage_writer=writer, no_dist=not self.ctx.distributed)
+            self._pending = (future, tmp, final, meta)
+        else:
+            dcp.save(state, storage_writer=writer, no_dist=not self.ctx.distributed)
+            self._publish(tmp, final, meta)
+        return final
+
+    def finish(self) -> None:
+        """Wait for an in-flight asynchronous save and publish it."""
+        if self._pending is None:
+            return
+        future, tmp, final, meta = self._pending
+        self._pending = None
+        future.result()
+        self._publish(tmp, final, meta)
+
+    def _publish(self, tmp: Path, final: Path, meta: dict[str, Any]) -> None:
+        self._barrier()  # every rank's shards are on disk
+        if self.ctx.is_logging_rank:
+            _write_json(tmp / META_FILE, meta)  # written last: a directory without it was never complete
+            _fsync_tree(tmp)
+            if final.exists():  # re-saving a step (e.g. after a resume): swap only once the new one is whole
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _write_atomic(self.dir / "latest", final.name + "\n")
+            _prune(self.dir, self.keep_last, keep=final.name)
+        self._barrier()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    pointer = ckpt_dir / "latest"
+    pointer = Path(ckpt_dir) / "latest"
     if not pointer.is_file():
         return None
-    path = ckpt_dir / pointer.read_text().strip()
-    return path if path.is_dir() else None
+    path = Path(ckpt_dir) / pointer.read_text().strip()
+    if not (path / META_FILE).is_file():
+        raise CheckpointError(
+            f"{pointer}: points to {path.name}, which is missing or incomplete; "
+            "point it at an existing step directory or set train.resume=never"
+        )
+    return path
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
-    state_file, meta_file = path / "state.pt", path / "meta.json"
-    for f in (state_file, meta_file):
-        if not f.is_file():
-            raise FileNotFoundError(f"{f}: missing; the checkpoint directory is incomplete, pick another step")
+def read_meta(path: Path) -> dict[str, Any]:
+    meta_file = Path(path) / META_FILE
+    if not meta_file.is_file():
+        raise CheckpointError(f"{meta_file}: missing; {path} is not a complete checkpoint, pick another step")
     try:
-        state = torch.load(state_file, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated or corrupted file: say which one
-        raise ValueError(
-            f"{state_file}: cannot be read ({type(e).__name__}); the file is damaged, resume from an earlier step"
+        meta = json.loads(meta_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{meta_file}: not valid JSON; the checkpoint is damaged, pick another step") from None
+    for key in ("step", "consumed_samples", "config"):
+        if key not in meta:
+            raise CheckpointError(
+                f"{meta_file}: field {key!r} is missing; the checkpoint is damaged, pick another step"
+            )
+    return meta
+
+
+def check_compatible(meta: dict[str, Any], config: dict[str, Any], path: Path) -> None:
+    """The model shape must match; everything else (layout, optimizer, schedule) may change on resume."""
+    for section in ("model", "moe"):
+        saved, now = meta["config"].get(section, {}), config[section]
+        for key in sorted(set(saved) | set(now)):
+            if saved.get(key) != now.get(key):
+                raise CheckpointError(
+                    f"{path / META_FILE}: {section}.{key} is {saved.get(key)!r} in the checkpoint but "
+                    f"{now.get(key)!r} in the config; use the checkpoint's model shape or another checkpoint"
+                )
+
+
+def verify_shards(path: Path) -> None:
+    """Every shard file the metadata references exists and is long enough (a truncated copy is caught here, with
+    the file's name, instead of deep inside DCP)."""
+    metadata = SafeFileSystemReader(path).read_metadata()
+    for info in (metadata.storage_data or {}).values():
+        shard = Path(path) / info.relative_path
+        if not shard.is_file():
+            raise CheckpointError(f"{shard}: missing shard; the checkpoint is incomplete, pick another step")
+        if shard.stat().st_size < info.offset + info.length:
+            raise CheckpointError(
+                f"{shard}: truncated ({shard.stat().st_size} bytes, needs "
+                f"{info.offset + info.length}); the checkpoint is damaged, pick another step"
+            )
+
+
+def load_training_state(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, ctx: ParallelContext
+) -> dict[str, Any]:
+    """Fill model (and optimizer) in place from a checkpoint of any layout; returns its meta.json."""
+    path = Path(path)
+    meta = read_meta(path)
+    verify_shards(path)
+    if optimizer is not None:
+        init_optimizer_state(model, optimizer)
+    state = training_state(model, optimizer, ctx)
+    try:
+        dcp.load(state, storage_reader=SafeFileSystemReader(path), no_dist=not ctx.distributed)
+    except CheckpointError:
+        raise
+    except Exception as e:  # DCP's own errors are long; name the directory and the cause
+        raise CheckpointError(
+            f"{path}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]}); pick another step"
         ) from None
-    return state, json.loads(meta_file.read_text())
+    _set_rng_state(meta.get("rng"))
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def _rng_state() -> dict[str, str]:
+    state = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
+    return state
+
+
+def _set_rng_state(state: dict[str, str] | None) -> None:
+    if not state:
+        return
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["cuda"])), dtype=torch.uint8))
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    path.write_text(json.dumps(obj, indent=1))
 
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
+    with tmp.open("rb") as f:
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_tree(path: Path) -> None:
     for f in path.iterdir():
-        with f.open("rb") as fh:
-            os.fsync(fh.fileno())
+        if f.is_file():
+            with f.open("rb") as fh:
+                os.fsync(fh.fileno())
 
 
-def _prune(ckpt_dir: Path, keep_last: int) -> None:
+def _prune(ckpt_dir: Path, keep_last: int, keep: str) -> None:
     steps = sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX))
     for old in steps[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.name != keep:
+            shutil.rmtree(old, ignore_errors=True)

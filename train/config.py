@@ -14,6 +14,9 @@ from typing import Any, Literal
 
 import yaml
 
+from data.indexed import bin_path, idx_path, normalize_prefix
+from data.text import VOCAB_SIZE as BYTE_VOCAB_SIZE
+from data.text import is_text_path
 from launch.config import ClusterConfig
 from model.config import ConfigError, ModelConfig, MoEConfig, require
 from parallel.config import ParallelConfig
@@ -31,12 +34,27 @@ class SyntheticConfig:
 
 
 @dataclass
+class DatasetConfig:
+    """One entry of `data.datasets`: an indexed dataset prefix (PREFIX.bin + PREFIX.idx, from
+    tools/preprocess_data.py) or a .txt/.jsonl file for the byte-level fallback, and its blending weight."""
+
+    path: str = ""
+    weight: float = 1.0
+
+
+@dataclass
 class DataConfig:
-    # null: the embedded synthetic corpus. Otherwise a .txt or .jsonl file, tokenised byte-level (ids 0..255,
-    # end-of-document 256) until a trained tokenizer is configured.
+    # null (and no datasets): the embedded synthetic corpus. Otherwise one dataset: an indexed dataset prefix
+    # (PREFIX.bin + PREFIX.idx) or a .txt/.jsonl file tokenised byte-level (ids 0..255, end-of-document 256).
     path: str | None = None
+    # Several datasets blended by weight (relative; normalised): [{path: ..., weight: ...}, ...]. Excludes `path`.
+    datasets: list[DatasetConfig] = field(default_factory=list)
+    # The sentencepiece model the indexed datasets were built with; when set, its vocabulary is checked against
+    # model.vocab_size before training starts.
+    tokenizer: str | None = None
     jsonl_key: str = "text"
     seq_len: int = 128
+    # Share of documents (the last ones of each dataset) held out for validation.
     valid_fraction: float = 0.01
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -48,12 +66,84 @@ class DataConfig:
         require(s.max_tail >= 0, "data.synthetic.max_tail", "must be >= 0")
         require(s.zipf_exponent >= 0, "data.synthetic.zipf_exponent", "must be >= 0")
         require(s.num_tokens > 0, "data.synthetic.num_tokens", "must be positive")
+        require(
+            self.path is None or not self.datasets,
+            "data.datasets",
+            "set either data.path (one dataset) or data.datasets (a blend), not both",
+        )
         if self.path is not None:
+            _check_data_path(self.path, "data.path")
+        for i, d in enumerate(self.datasets):
+            key = f"data.datasets[{i}]"
+            require(bool(d.path), f"{key}.path", "missing; give an indexed dataset prefix or a .txt/.jsonl file")
+            require(d.weight > 0, f"{key}.weight", f"must be positive, got {d.weight}")
+            _check_data_path(d.path, f"{key}.path")
+        kinds = {is_text_path(p) for p in self.paths}
+        require(
+            len(kinds) <= 1,
+            "data.datasets",
+            "mixes byte-level .txt/.jsonl files with indexed datasets (different token ids); build indexed datasets "
+            "of the text files with tools/preprocess_data.py",
+        )
+        if self.tokenizer is not None:
             require(
-                Path(self.path).is_file(),
-                "data.path",
-                f"file {self.path} does not exist; give an existing .txt/.jsonl file or null for the synthetic corpus",
+                Path(self.tokenizer).is_file(),
+                "data.tokenizer",
+                f"{self.tokenizer} does not exist; give the .model file from tools/train_tokenizer.py or null",
             )
+
+    @property
+    def paths(self) -> list[str]:
+        return [self.path] if self.path is not None else [d.path for d in self.datasets]
+
+    def validate_vocab(self, vocab_size: int) -> None:
+        """Cross-section check: the token ids the data can contain must fit model.vocab_size."""
+        if not self.paths:
+            need = self.synthetic.num_words * (1 + self.synthetic.max_tail) + 1
+            require(
+                need <= vocab_size,
+                "data.synthetic.num_words",
+                f"the synthetic corpus may use up to {need} token ids > model.vocab_size={vocab_size}; "
+                "use fewer words or a shorter max_tail",
+            )
+        elif is_text_path(self.paths[0]):
+            require(
+                vocab_size >= BYTE_VOCAB_SIZE,
+                "model.vocab_size",
+                f"{vocab_size} < {BYTE_VOCAB_SIZE} needed by the byte-level tokenizer of data.path",
+            )
+        if self.tokenizer is not None:
+            from data.tokenizer import tokenizer_vocab_size  # sentencepiece only when a tokenizer is configured
+
+            try:
+                n = tokenizer_vocab_size(self.tokenizer)
+            except (ValueError, FileNotFoundError, ImportError) as e:
+                raise ConfigError(f"data.tokenizer: {e}") from None
+            require(
+                n <= vocab_size,
+                "data.tokenizer",
+                f"vocabulary of {n} tokens > model.vocab_size={vocab_size}; set model.vocab_size >= {n} or use a "
+                "smaller tokenizer",
+            )
+
+
+def _check_data_path(path: str, key: str) -> None:
+    if is_text_path(path):
+        require(
+            Path(path).is_file(),
+            key,
+            f"file {path} does not exist; give an existing .txt/.jsonl file, an indexed dataset prefix, or null "
+            "for the synthetic corpus",
+        )
+        return
+    prefix = normalize_prefix(path)
+    for p in (idx_path(prefix), bin_path(prefix)):
+        require(
+            p.is_file(),
+            key,
+            f"{p} does not exist; build the dataset with tools/preprocess_data.py --output-prefix {prefix}, or "
+            "give a .txt/.jsonl file",
+        )
 
 
 @dataclass
@@ -92,9 +182,28 @@ class TrainConfig:
     run_dir: str | None = None  # null: runs/<config file name>
     eval_interval: int = 100  # 0 disables evaluation
     eval_batches: int = 4
+    # auto: continue from <checkpoint dir>/latest when there is one; never: start fresh; or a step directory.
+    resume: str = "auto"
+    # Save at this step and exit, leaving the LR schedule defined by max_steps (Megatron's exit interval).
+    exit_at_step: int | None = None
+    # Steps whose loss or gradient norm is NaN/inf are skipped; this many in a row stop the run.
+    max_nonfinite_steps: int = 5
 
     def validate(self) -> None:
         require(self.max_steps > 0, "train.max_steps", f"must be positive, got {self.max_steps}")
+        if self.exit_at_step is not None:
+            require(
+                0 < self.exit_at_step <= self.max_steps,
+                "train.exit_at_step",
+                f"must be in [1, train.max_steps={self.max_steps}] or null, got {self.exit_at_step}",
+            )
+        require(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
+        if self.resume not in ("auto", "never"):
+            require(
+                Path(self.resume).is_dir(),
+                "train.resume",
+                f"{self.resume} is not a checkpoint directory; use auto, never or an existing step directory",
+            )
         require(self.global_batch_size > 0, "train.global_batch_size", "must be positive")
         require(self.micro_batch_size > 0, "train.micro_batch_size", "must be positive")
         require(
@@ -111,6 +220,8 @@ class CheckpointConfig:
     dir: str | None = None  # null: <run_dir>/checkpoints
     interval: int = 0  # steps between checkpoints; 0: only the final one
     keep_last: int = 2
+    # YAML key `async`: stage tensors and write them in the background (dcp.async_save).
+    async_: bool = False
 
     def validate(self) -> None:
         require(self.interval >= 0, "checkpoint.interval", "must be >= 0")
@@ -185,20 +296,7 @@ class Config:
             ("model.ffn_hidden_size", self.model.ffn_hidden_size),
         ):
             require(value % tp == 0, key, f"{value} is not divisible by parallel.tp={tp}")
-        if self.data.path is None:
-            need = self.data.synthetic.num_words * (1 + self.data.synthetic.max_tail) + 1
-            require(
-                need <= self.model.vocab_size,
-                "data.synthetic.num_words",
-                f"the synthetic corpus may use up to {need} token ids > model.vocab_size={self.model.vocab_size}; "
-                "use fewer words or a shorter max_tail",
-            )
-        else:
-            require(
-                self.model.vocab_size >= 257,
-                "model.vocab_size",
-                f"{self.model.vocab_size} < 257 needed by the byte-level tokenizer of data.path",
-            )
+        self.data.validate_vocab(self.model.vocab_size)
         return self
 
     @property
@@ -236,6 +334,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ConfigError:
                 pass
         raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(item, item_tp, f"{key}[{i}]") for i, item in enumerate(value)]
     if origin is dict:
         key_tp, value_tp = typing.get_args(tp)
         if not isinstance(value, dict):
@@ -281,6 +384,8 @@ def build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
+        if key not in names and f"{key}_" in names:  # Python keywords (`async`) are fields with a trailing _
+            key = f"{key}_"
         if key not in names:
             raise ConfigError(f"{prefix}{key}: unknown key; known keys here: {', '.join(names)}")
         kwargs[key] = _coerce(value, hints[key], prefix + key)

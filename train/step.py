@@ -26,6 +26,7 @@ class StepResult:
     balance_loss: Tensor  # mean over micro-batches of sum_layers L_b (detached)
     grad_norm: Tensor
     routing: list[RoutingStats]  # one per MoE layer, counters summed over micro-batches
+    skipped: bool = False  # non-finite loss or gradient: the optimizer did not step
 
 
 def autocast_context(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
@@ -96,6 +97,10 @@ def train_step(
     else:
         params = [p for p in model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad > 0 else float("inf"), foreach=True)
-    optimizer.step()
+    # host-device sync: one per step. The norm is global (reduced over every rank), so all ranks agree to skip a
+    # step whose loss or gradients are NaN/inf, and none of them updates.
+    finite = bool(torch.isfinite(grad_norm))
+    if finite:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(ce_sum / n, bal_sum / n, grad_norm.detach(), routing or [])
+    return StepResult(ce_sum / n, bal_sum / n, grad_norm.detach(), routing or [], skipped=not finite)

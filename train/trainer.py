@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,12 +20,13 @@ from model.transformer import Decoder
 from parallel import parallelize
 from parallel.grads import GradSync
 from parallel.mesh import ParallelContext, init_parallel
-from train.checkpoint import save_checkpoint
+from train.checkpoint import Checkpointer, check_compatible, latest_checkpoint, load_training_state, read_meta
 from train.config import Config
 from train.evaluate import evaluate
 from train.metrics import MetricsLogger, format_duration, routing_summary
 from train.optim import build_optimizer, lr_at, set_lr
-from train.step import autocast_context, train_step
+from train.signals import ShutdownRequest
+from train.step import StepResult, autocast_context, train_step
 
 
 def resolve_device_type(name: str) -> str:
@@ -81,16 +86,24 @@ def run(cfg: Config) -> dict[str, Any]:
     grad_sync = GradSync(model, ctx)
     data = build_data(cfg.data, tc.seed)
     amp = autocast_context(device, tc.dtype)
+    checkpointer = Checkpointer(cfg.checkpoint_dir, ctx, cfg.checkpoint.keep_last, cfg.checkpoint.async_)
+
+    start_step, consumed = 0, 0
+    resume_from = resume_path(cfg)
+    if resume_from is not None:
+        check_compatible(read_meta(resume_from), cfg.to_dict(), resume_from)
+        meta = load_training_state(resume_from, model, optimizer, ctx)
+        start_step, consumed = meta["step"], meta["consumed_samples"]
 
     run_dir = cfg.run_dir
     if ctx.is_logging_rank:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        (run_dir / "metrics.jsonl").write_text("")  # a fresh run starts a fresh log
+        truncate_metrics(run_dir / "metrics.jsonl", start_step)
 
     tokens_per_step = tc.global_batch_size * cfg.data.seq_len
     valid_batches = [b.to(device) for b in data.valid_batches(tc.micro_batch_size, tc.eval_batches)]
-    logger = MetricsLogger(run_dir, tc.max_steps, progress_bar=cfg.logging.progress_bar, enabled=ctx.is_logging_rank)
+    logger = MetricsLogger(run_dir, tc.max_steps, start_step, cfg.logging.progress_bar, ctx.is_logging_rank)
     floor = data.corpus.entropy_per_token if data.corpus is not None else None
     counts = _param_counts(cfg)
     d = ctx.dims
@@ -99,60 +112,131 @@ def run(cfg: Config) -> dict[str, Any]:
         f"{tc.max_steps} steps x {tokens_per_step} tokens on {device}, world {d.world_size} = "
         f"tp {d.tp} x dp {d.dp} (ep {d.ep}), {n_micro} micro-batch(es) of {tc.micro_batch_size} per rank"
         + (f"; synthetic corpus, loss floor {floor:.4f} nats" if floor is not None else "")
+        + (f"; resumed from {resume_from} (step {start_step})" if resume_from is not None else "")
     )
 
+    def save(step: int) -> None:
+        meta = {"consumed_samples": consumed, "config": cfg.to_dict(), "layout": dataclasses.asdict(d)}
+        path = checkpointer.save(step, model, optimizer, meta)
+        logger.write(f"checkpoint: {path}" + (" (writing in the background)" if checkpointer.async_save else ""))
+
+    shutdown = ShutdownRequest()
     model.train()
-    consumed = 0
     record: dict[str, Any] = {}
+    nonfinite_in_a_row, skipped_total = 0, 0
     interval_start, interval_steps = time.perf_counter(), 0
-    for step in range(1, tc.max_steps + 1):
-        lr = lr_at(step - 1, cfg.optim, tc.max_steps)
-        set_lr(optimizer, lr)
-        batch = data.global_batch(consumed, tc.global_batch_size, ctx.dp_rank, d.dp).to(device)
-        consumed += tc.global_batch_size
-        result = train_step(
-            model,
-            optimizer,
-            list(batch.split(tc.micro_batch_size)),
-            cfg.moe.balance_coeff,
-            cfg.optim.clip_grad,
-            amp,
-            grad_sync,
-        )
-        interval_steps += 1
-        logger.advance()
+    last_step = tc.exit_at_step or tc.max_steps
+    step = start_step
+    try:
+        while step < last_step:
+            step += 1
+            lr = lr_at(step - 1, cfg.optim, tc.max_steps)
+            set_lr(optimizer, lr)
+            batch = data.global_batch(consumed, tc.global_batch_size, ctx.dp_rank, d.dp).to(device)
+            consumed += tc.global_batch_size
+            micro = list(batch.split(tc.micro_batch_size))
+            result = train_step(model, optimizer, micro, cfg.moe.balance_coeff, cfg.optim.clip_grad, amp, grad_sync)
+            interval_steps += 1
+            logger.advance()
+            if result.skipped:
+                nonfinite_in_a_row, skipped_total = nonfinite_in_a_row + 1, skipped_total + 1
+                logger.write(
+                    f"step {step}: non-finite loss or gradient norm, update skipped "
+                    f"({nonfinite_in_a_row} in a row, {skipped_total} in total)"
+                )
+                if nonfinite_in_a_row >= tc.max_nonfinite_steps:
+                    raise RuntimeError(
+                        f"train.max_nonfinite_steps: {nonfinite_in_a_row} non-finite steps in a row at step {step}; "
+                        "the last good checkpoint is intact, lower optim.lr or check the data"
+                    )
+            else:
+                nonfinite_in_a_row = 0
 
-        if step % cfg.logging.interval == 0 or step == tc.max_steps:
-            values = torch.stack([result.loss, result.balance_loss]).float()
-            routing = reduce_for_logging(ctx, values, result.routing)
-            loss, balance = values.tolist()  # host-device sync, once per logging interval
-            elapsed = time.perf_counter() - interval_start  # measured after the sync, so it is honest
-            record = {
-                "step": step,
-                "loss": loss,
-                "balance_loss": balance,
-                "lr": lr,
-                "grad_norm": result.grad_norm.item(),
-                "tokens_per_s": interval_steps * tokens_per_step / elapsed,
-                "consumed_samples": consumed,
-            }
-            summary = routing_summary(routing, cfg.moe)
-            if "ffn_per_token" in summary:
-                record["ffn_per_token"] = summary["ffn_per_token"]
-                record["share_zero_computation"] = summary["share_zero_computation"]
-            record["eta_s"] = logger.eta(step)
-            if tc.eval_interval and (step % tc.eval_interval == 0 or step == tc.max_steps):
-                shard = (ctx.tp_rank, d.tp) if d.sp else None
-                record.update(evaluate(model, valid_batches, amp, data.corpus, shard))
-            record["routing"] = summary["layers"]
-            logger.log(record, console=format_line(record, tc.max_steps, floor))
-            interval_start, interval_steps = time.perf_counter(), 0
+            if step % cfg.logging.interval == 0 or step in (tc.max_steps, last_step):
+                record = log_step(
+                    cfg,
+                    ctx,
+                    logger,
+                    result,
+                    step,
+                    lr,
+                    consumed,
+                    skipped_total,
+                    interval_steps * tokens_per_step / (time.perf_counter() - interval_start),
+                )
+                if tc.eval_interval and (step % tc.eval_interval == 0 or step == tc.max_steps):
+                    shard = (ctx.tp_rank, d.tp) if d.sp else None
+                    record.update(evaluate(model, valid_batches, amp, data.corpus, shard))
+                logger.log(record, console=format_line(record, tc.max_steps, floor))
+                interval_start, interval_steps = time.perf_counter(), 0
 
-        if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step != tc.max_steps:
-            _save(cfg, ctx, model, optimizer, step, consumed, logger)
-    _save(cfg, ctx, model, optimizer, tc.max_steps, consumed, logger)
-    logger.close()
+            if shutdown.requested(ctx.distributed, device):
+                logger.write(f"step {step}: {shutdown.signal_name or 'signal on another rank'}, saving and exiting")
+                break
+            if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step != last_step:
+                save(step)
+        if step > start_step or resume_from is None:
+            save(step)
+        checkpointer.finish()
+    finally:
+        shutdown.restore()
+        logger.close()
     return record
+
+
+def resume_path(cfg: Config) -> Path | None:
+    """train.resume: auto (latest in the checkpoint dir, if any), never, or a step directory."""
+    if cfg.train.resume == "never":
+        return None
+    if cfg.train.resume == "auto":
+        return latest_checkpoint(cfg.checkpoint_dir)
+    return Path(cfg.train.resume)
+
+
+def truncate_metrics(path: Path, start_step: int) -> None:
+    """Keep the records up to the resumed step (a run that died after its last checkpoint logged further)."""
+    if start_step == 0 or not path.is_file():
+        path.write_text("")
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def log_step(
+    cfg: Config,
+    ctx: ParallelContext,
+    logger: MetricsLogger,
+    result: StepResult,
+    step: int,
+    lr: float,
+    consumed: int,
+    skipped_total: int,
+    tokens_per_s: float,
+) -> dict[str, Any]:
+    values = torch.stack([result.loss, result.balance_loss]).float()
+    routing = reduce_for_logging(ctx, values, result.routing)
+    loss, balance = values.tolist()  # host-device sync, once per logging interval
+    record: dict[str, Any] = {
+        "step": step,
+        "loss": loss if math.isfinite(loss) else None,
+        "balance_loss": balance if math.isfinite(balance) else None,
+        "lr": lr,
+        "grad_norm": _finite_or_none(result.grad_norm.item()),
+        "tokens_per_s": tokens_per_s,
+        "consumed_samples": consumed,
+        "skipped_steps": skipped_total,
+    }
+    summary = routing_summary(routing, cfg.moe)
+    if "ffn_per_token" in summary:
+        record["ffn_per_token"] = summary["ffn_per_token"]
+        record["share_zero_computation"] = summary["share_zero_computation"]
+    record["eta_s"] = logger.eta(step)
+    record["routing"] = summary["layers"]
+    return record
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
 
 
 def _param_counts(cfg: Config) -> tuple[int, int]:
@@ -162,28 +246,9 @@ def _param_counts(cfg: Config) -> tuple[int, int]:
     return model.num_params(), model.num_params(active_only=True)
 
 
-def _save(
-    cfg: Config,
-    ctx: ParallelContext,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    step: int,
-    consumed: int,
-    logger: MetricsLogger,
-) -> None:
-    if ctx.distributed:
-        # Sharded (DCP) checkpoints of tp/ep layouts are not implemented yet; a single-file save of one rank's
-        # shards would look complete and be wrong, so nothing is written.
-        logger.write(f"step {step}: checkpoints of distributed layouts are not written yet (single process only)")
-        return
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-    meta = {"consumed_samples": consumed, "config": cfg.to_dict()}
-    path = save_checkpoint(cfg.checkpoint_dir, step, state, meta, cfg.checkpoint.keep_last)
-    logger.write(f"checkpoint: {path}")
-
-
 def format_line(r: dict[str, Any], max_steps: int, floor: float | None) -> str:
-    parts = [f"step {r['step']:>6}/{max_steps}", f"loss {r['loss']:.4f}"]
+    loss = f"{r['loss']:.4f}" if r["loss"] is not None else "nan"
+    parts = [f"step {r['step']:>6}/{max_steps}", f"loss {loss}"]
     if floor is not None:
         parts.append(f"(floor {floor:.3f})")
     parts += [f"lr {r['lr']:.2e}", f"tok/s {r['tokens_per_s']:,.0f}"]

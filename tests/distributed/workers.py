@@ -162,3 +162,52 @@ def empty_rank(rank: int, world: int) -> None:
     grads = full_tensors(par, ctx, grads=True)
     for name, p in ref.named_parameters():
         _close(f"grad {name}", grads[name], p.grad)
+
+
+def _fixed_tokens() -> torch.Tensor:
+    return torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(7))
+
+
+def _full_logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    logits = model(tokens).logits_BSV
+    return (logits.full_tensor() if hasattr(logits, "full_tensor") else logits).detach()
+
+
+def save_layout(rank: int, world: int, tp: int, ep: int, ckpt_dir: str) -> None:
+    """One training step in this layout, then a DCP checkpoint and the full logits it gives (logits.pt)."""
+    import dataclasses
+    from pathlib import Path
+
+    from train.checkpoint import Checkpointer
+
+    ctx = init_parallel(ParallelConfig(tp=tp, ep=ep), "cpu")
+    mcfg, moecfg = tiny_model_configs()
+    torch.manual_seed(0)
+    model = parallelize(Decoder(mcfg, moecfg), ctx)
+    opt = build_optimizer(model, OptimConfig(lr=1e-2))
+    batch = torch.randint(0, 64, (2 * ctx.dims.dp, 13), generator=torch.Generator().manual_seed(3))
+    train_step(model, opt, [batch.chunk(ctx.dims.dp)[ctx.dp_rank]], 0.01, 1.0, grad_sync=GradSync(model, ctx))
+    meta = {"consumed_samples": 0, "config": {"model": dataclasses.asdict(mcfg), "moe": dataclasses.asdict(moecfg)}}
+    Checkpointer(Path(ckpt_dir), ctx, keep_last=1).save(1, model, opt, meta)
+    logits = _full_logits(model, _fixed_tokens())
+    if rank == 0:
+        torch.save(logits, Path(ckpt_dir) / "logits.pt")
+
+
+def load_layout(rank: int, world: int, tp: int, ep: int, ckpt_dir: str) -> None:
+    """A differently initialised model in another layout loads the checkpoint and gives the same logits; its
+    optimizer state is the saved one too (the next step matches a step taken from the saved layout's state)."""
+    from pathlib import Path
+
+    from train.checkpoint import load_training_state
+
+    ctx = init_parallel(ParallelConfig(tp=tp, ep=ep), "cpu")
+    mcfg, moecfg = tiny_model_configs()
+    torch.manual_seed(123)  # different weights: everything must come from the checkpoint
+    model = parallelize(Decoder(mcfg, moecfg), ctx)
+    opt = build_optimizer(model, OptimConfig(lr=1e-2))
+    meta = load_training_state(Path(ckpt_dir) / "step_00000001", model, opt, ctx)
+    assert meta["step"] == 1
+    _close("logits after reload", _full_logits(model, _fixed_tokens()), torch.load(Path(ckpt_dir) / "logits.pt"))
+    steps = {float(s["step"]) for s in opt.state.values()}
+    assert steps == {1.0}, steps
