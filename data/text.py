@@ -1,36 +1,30 @@
-"""Byte-level fallback tokenizer for plain-text and JSONL files (until a trained sentencepiece model is used).
+"""Byte-level fallback tokenizer for a plain-text or JSONL `data.path` (no tokenizer model, no preprocessing).
 
-Ids 0..255 are bytes, 256 is end-of-document. A .txt file is split into documents at blank lines; a .jsonl file
-has one document per line, taken from the configured key.
+Ids 0..255 are bytes, 256 is end-of-document. Documents are read by `data.documents` (blank-line separated text,
+or one JSONL record per line); invalid UTF-8 is an error here, since there is no place to report skipped lines.
+For real corpora, train a tokenizer and build an indexed dataset with tools/ instead.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
+from data.documents import check_input_file, iter_documents
+
 EOD_ID = 256
+VOCAB_SIZE = 257
+
+
+def is_text_path(path: str | Path) -> bool:
+    """Paths the byte-level fallback reads; every other data path names an indexed dataset."""
+    return str(path).endswith((".txt", ".jsonl", ".json"))
 
 
 def read_documents(path: str | Path, jsonl_key: str = "text") -> list[str]:
-    path = Path(path)
-    raw = path.read_bytes().decode("utf-8", errors="replace")
-    if path.suffix == ".jsonl":
-        docs = []
-        for lineno, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise ValueError(f"{path}:{lineno}: not valid JSON; fix or remove the line") from None
-            if not isinstance(record, dict) or not isinstance(record.get(jsonl_key), str):
-                raise ValueError(f"{path}:{lineno}: no string field {jsonl_key!r}; set data.jsonl_key")
-            docs.append(record[jsonl_key])
-    else:
-        docs = [d for d in raw.split("\n\n") if d.strip()]
+    path = check_input_file(path)
+    docs = list(iter_documents(path, jsonl_key, invalid_utf8="error"))
     if not docs:
         raise ValueError(f"{path}: no documents in the file; give a non-empty .txt or .jsonl file")
     return docs
@@ -38,8 +32,14 @@ def read_documents(path: str | Path, jsonl_key: str = "text") -> list[str]:
 
 def encode_documents(docs: list[str]) -> np.ndarray:
     """Concatenate byte ids of all documents, each followed by EOD."""
+    return encode_with_boundaries(docs)[0]
+
+
+def encode_with_boundaries(docs: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, document end offsets): byte ids of all documents back to back, each followed by EOD."""
     parts = []
     for doc in docs:
         parts.append(np.frombuffer(doc.encode("utf-8"), dtype=np.uint8).astype(np.int64))
         parts.append(np.array([EOD_ID], dtype=np.int64))
-    return np.concatenate(parts)
+    ends = np.cumsum([len(doc.encode("utf-8")) + 1 for doc in docs], dtype=np.int64)
+    return np.concatenate(parts), ends

@@ -1,0 +1,1 @@
+"""Command-line tools: tokenizer training, dataset preprocessing."""
