@@ -120,13 +120,16 @@ class MoEAux:
 
 @dataclass
 class ModelOutput:
-    logits_BSV: Tensor
+    # None on a pipeline stage without the LM head (it returns hidden_BSD instead).
+    logits_BSV: Tensor | None
     # Pre-normalisation router logits of the last MoE layer (fp32): the gating residual a following pipeline
     # stage would consume. None for a model without MoE layers.
     router_logits_TE: Tensor | None
     # Sum over MoE layers of the heterogeneous balance loss L_b (not yet multiplied by moe.balance_coeff).
     balance_loss: Tensor
     moe_layers: list[MoEAux] = field(default_factory=list)
+    # The residual stream after the last block (what a pipeline stage hands to the next one).
+    hidden_BSD: Tensor | None = None
 
 
 class Decoder(nn.Module):
@@ -165,19 +168,26 @@ class Decoder(nn.Module):
             else:
                 p.normal_(0.0, std)
 
-    def forward(self, tokens_BS: Tensor) -> ModelOutput:
-        S = tokens_BS.shape[1]
+    def forward(
+        self, tokens_BS: Tensor | None = None, hidden_BSD: Tensor | None = None, router_logits_TE: Tensor | None = None
+    ) -> ModelOutput:
+        """The whole model takes tokens. A pipeline stage (parallel/pipeline.py deletes the parts it does not own:
+        the embedding, the final norm and head, other stages' layers) takes the previous stage's hidden states and
+        router logits instead, and returns hidden states when it has no head."""
+        h = self.tok_embeddings(tokens_BS) if self.tok_embeddings is not None else hidden_BSD
+        # The full sequence length: under sequence parallelism h holds only this rank's slice of it.
+        S = tokens_BS.shape[1] if tokens_BS is not None else h.shape[1]
         cos, sin = self.rope_cos[:S], self.rope_sin[:S]
-        h = self.tok_embeddings(tokens_BS)
-        router_logits: Tensor | None = None
+        router_logits = router_logits_TE
         aux: list[MoEAux] = []
         for block in self.layers.values():
             h, router_logits, layer_aux = block(h, router_logits, cos, sin)
             if layer_aux is not None:
                 aux.append(layer_aux)
-        logits = self.output(self.norm(h))
-        balance = torch.stack([a.balance_loss for a in aux]).sum() if aux else logits.new_zeros((), dtype=torch.float32)
-        return ModelOutput(logits, router_logits, balance, aux)
+        logits = self.output(self.norm(h)) if self.output is not None else None
+        zero = torch.zeros((), dtype=torch.float32, device=h.device)
+        balance = torch.stack([a.balance_loss for a in aux]).sum() if aux else zero
+        return ModelOutput(logits, router_logits, balance, aux, h)
 
     def num_params(self, active_only: bool = False) -> int:
         """Parameter count; with active_only, FFN experts count as top_k / N_ffn of their size (an upper bound

@@ -11,8 +11,23 @@ def parallelize(model: Decoder, ctx: ParallelContext) -> Decoder:
     from parallel.expert_parallel import apply_expert_parallel
     from parallel.tensor_parallel import apply_tensor_parallel
 
+    if ctx.dims.pp > 1:
+        from parallel.pipeline import build_stage, stage_layer_counts
+
+        counts = stage_layer_counts(model.cfg.num_layers, ctx.dims.pp, ctx.dims.pp_layers)
+        build_stage(model, ctx.pp_rank, counts)
     if ctx.dims.tp > 1:
         apply_tensor_parallel(model, ctx.tp_mesh, sequence_parallel=ctx.dims.sp)
     if ctx.dims.ep > 1:
         apply_expert_parallel(model, ctx.group("ep"))
     return model
+
+
+def pipeline_schedule(model: Decoder, ctx: ParallelContext):
+    """The 1F1B schedule for this rank's stage, or None without pipeline parallelism."""
+    if ctx.dims.pp == 1:
+        return None
+    from parallel.pipeline import PipelineSchedule, stage_layer_counts
+
+    counts = stage_layer_counts(model.cfg.num_layers, ctx.dims.pp, ctx.dims.pp_layers)
+    return PipelineSchedule(model, ctx.group("pp"), counts, model.moe_cfg, model.cfg.hidden_size)

@@ -12,6 +12,7 @@ class ParallelConfig:
     tp: int = 1  # tensor parallel (attention heads, dense FFN, vocabulary)
     ep: int = 1  # expert parallel: FFN experts sharded over ep ranks; must divide dp
     pp: int = 1  # pipeline stages
+    pp_layers: list[int] | None = None  # decoder blocks per stage, e.g. [3, 2]; null: balanced
     dp: int | None = None  # data parallel; null: WORLD_SIZE / (tp * pp)
     sequence_parallel: bool = False
 

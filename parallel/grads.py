@@ -106,7 +106,10 @@ class GradSync:
             dist.all_reduce(tp_sharded, group=self.ctx.group("tp"))
         if self.ctx.dims.ep > 1:
             dist.all_reduce(expert, group=self.ctx.group("ep"))
-        total = (replicated + tp_sharded + expert).sqrt()
+        total_sq = replicated + tp_sharded + expert
+        if self.ctx.dims.pp > 1:  # each stage holds different layers
+            dist.all_reduce(total_sq, group=self.ctx.group("pp"))
+        total = total_sq.sqrt()
         if max_norm > 0:
             coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
             torch._foreach_mul_([_local(g) for g in grads], coef)

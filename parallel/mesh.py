@@ -26,6 +26,7 @@ class ParallelDims:
     pp: int
     dp: int
     sp: bool = False  # sequence parallelism over the tp group
+    pp_layers: tuple[int, ...] | None = None  # blocks per pipeline stage; None: balanced
 
     @property
     def edp(self) -> int:
@@ -59,9 +60,11 @@ class ParallelDims:
             f"ep={cfg.ep} does not divide dp={dp} (experts are sharded over data-parallel ranks); "
             "use an ep that divides WORLD_SIZE / (tp x pp)",
         )
-        if cfg.pp != 1:
-            raise ConfigError("parallel.pp: pipeline parallelism is not available yet; use pp=1")
-        return cls(tp=cfg.tp, ep=cfg.ep, pp=cfg.pp, dp=dp, sp=cfg.sequence_parallel and cfg.tp > 1)
+        sp = cfg.sequence_parallel and cfg.tp > 1
+        if cfg.pp > 1 and sp:
+            raise ConfigError("parallel.sequence_parallel: not supported together with pipeline parallelism (pp > 1)")
+        layers = tuple(cfg.pp_layers) if cfg.pp_layers else None
+        return cls(tp=cfg.tp, ep=cfg.ep, pp=cfg.pp, dp=dp, sp=sp, pp_layers=layers)
 
 
 @dataclass
@@ -89,6 +92,10 @@ class ParallelContext:
         return self._coord("ep")
 
     @property
+    def pp_rank(self) -> int:
+        return self._coord("pp")
+
+    @property
     def dp_rank(self) -> int:
         return self._coord("edp") * self.dims.ep + self._coord("ep")
 
@@ -105,6 +112,10 @@ class ParallelContext:
     @property
     def is_logging_rank(self) -> bool:
         return self.rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.dims.pp - 1
 
 
 def world_from_env() -> tuple[int, int, int]:

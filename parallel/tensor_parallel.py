@@ -39,7 +39,10 @@ def apply_tensor_parallel(model: Decoder, tp_mesh: DeviceMesh, sequence_parallel
     }
     if sequence_parallel:
         top["norm"] = SequenceParallel()
-    parallelize_module(model, tp_mesh, top)
+    # A pipeline stage may lack the embedding or the head.
+    top = {name: style for name, style in top.items() if getattr(model, name) is not None}
+    if top:
+        parallelize_module(model, tp_mesh, top)
     for block in model.layers.values():
         plan: dict[str, nn.Module] = {
             "attention.wq": ColwiseParallel(),

@@ -47,3 +47,23 @@ def test_global_batch_must_split_over_dp_and_micro_batches():
     cfg = load_config("configs/tiny-cpu.yaml", ["train.global_batch_size=12"])
     with pytest.raises(ConfigError, match="train.global_batch_size: 12 is not a multiple of micro_batch_size x dp"):
         micro_batches_per_step(cfg, 4)
+
+
+def test_pipeline_stage_split():
+    from model.config import MoEConfig
+    from parallel.pipeline import residual_crosses, stage_layer_counts
+
+    assert stage_layer_counts(6, 4, None) == [2, 2, 1, 1]
+    assert stage_layer_counts(5, 2, [4, 1]) == [4, 1]
+    with pytest.raises(ConfigError, match=r"parallel.pp_layers: \[3, 1\] must list 2 positive counts summing to"):
+        stage_layer_counts(5, 2, [3, 1])
+    with pytest.raises(ConfigError, match="parallel.pp: 4 stages for model.num_layers=3"):
+        stage_layer_counts(3, 4, None)
+    moe = MoEConfig(every_n_layers=2)
+    assert not residual_crosses(moe, 0) and residual_crosses(moe, 1)
+    assert not residual_crosses(MoEConfig(gating_residual=False), 3)
+
+
+def test_pipeline_and_sequence_parallel_are_exclusive():
+    with pytest.raises(ConfigError, match="parallel.sequence_parallel: not supported together with pipeline"):
+        ParallelDims.from_config(ParallelConfig(pp=2, tp=2, sequence_parallel=True), 4)

@@ -57,3 +57,26 @@ def evaluate(
         for h in hooks:
             h.remove()
         model.train(was_training)
+
+
+@torch.no_grad()
+def evaluate_pipeline(
+    pipeline, batches: list[Tensor], amp: contextlib.AbstractContextManager, pp_group
+) -> dict[str, Any]:
+    """Validation loss through pipeline stages: the last stage computes it, every stage gets it. (The per-position
+    easy/hard routing statistics need all layers in one place and are not computed under pipeline parallelism.)"""
+    import torch.distributed as dist
+
+    model = pipeline.model
+    was_training = model.training
+    model.eval()
+    try:
+        total = torch.zeros((), device=batches[0].device)
+        for tokens in batches:
+            out = pipeline.forward_only(tokens, amp)
+            if pipeline.is_last:
+                total += lm_loss(out, tokens[:, 1:])
+        dist.all_reduce(total, group=pp_group)
+        return {"val_loss": (total / len(batches)).item()}  # host sync, eval only
+    finally:
+        model.train(was_training)

@@ -18,6 +18,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from model.moe import RoutingStats
 from model.transformer import ModelOutput
 from parallel.grads import GradSync
+from parallel.pipeline import PipelineSchedule
 
 
 @dataclass
@@ -74,9 +75,38 @@ def train_step(
     clip_grad: float,
     amp: contextlib.AbstractContextManager | None = None,
     grad_sync: GradSync | None = None,
+    pipeline: PipelineSchedule | None = None,
 ) -> StepResult:
-    """micro_batches: token windows [b, S+1]; inputs are [:, :-1], targets [:, 1:]."""
+    """micro_batches: token windows [b, S+1]; inputs are [:, :-1], targets [:, 1:]. With a pipeline schedule this
+    rank runs its stage's share (1F1B); its loss is then the last stage's CE and its balance loss its own layers'."""
     amp = amp or contextlib.nullcontext()
+    n = len(micro_batches)
+    if pipeline is not None:
+        stage = pipeline.forward_backward(micro_batches, balance_coeff, amp)
+        ce_sum, bal_sum, routing = stage.ce_sum, stage.balance_sum, None
+        for stats in stage.routing:
+            routing = merge_routing(routing, stats)
+    else:
+        ce_sum, bal_sum, routing = local_forward_backward(model, micro_batches, balance_coeff, amp)
+    if grad_sync is not None:
+        grad_sync.reduce()
+        grad_norm = grad_sync.clip_(clip_grad)
+    else:
+        params = [p for p in model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad > 0 else float("inf"), foreach=True)
+    # host-device sync: one per step. The norm is global (reduced over every rank), so all ranks agree to skip a
+    # step whose loss or gradients are NaN/inf, and none of them updates.
+    finite = bool(torch.isfinite(grad_norm))
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(ce_sum / n, bal_sum / n, grad_norm.detach(), routing or [], skipped=not finite)
+
+
+def local_forward_backward(
+    model: nn.Module, micro_batches: list[Tensor], balance_coeff: float, amp: contextlib.AbstractContextManager
+) -> tuple[Tensor, Tensor, list[RoutingStats] | None]:
+    """Gradient accumulation over micro-batches on one pipeline stage holding the whole model."""
     n = len(micro_batches)
     ce_sum = torch.zeros((), device=micro_batches[0].device)
     bal_sum = torch.zeros((), device=micro_batches[0].device)
@@ -91,16 +121,4 @@ def train_step(
         ce_sum += ce.detach()
         bal_sum += out.balance_loss.detach()
         routing = merge_routing(routing, [a.stats for a in out.moe_layers])
-    if grad_sync is not None:
-        grad_sync.reduce()
-        grad_norm = grad_sync.clip_(clip_grad)
-    else:
-        params = [p for p in model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad > 0 else float("inf"), foreach=True)
-    # host-device sync: one per step. The norm is global (reduced over every rank), so all ranks agree to skip a
-    # step whose loss or gradients are NaN/inf, and none of them updates.
-    finite = bool(torch.isfinite(grad_norm))
-    if finite:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return StepResult(ce_sum / n, bal_sum / n, grad_norm.detach(), routing or [], skipped=not finite)
+    return ce_sum, bal_sum, routing

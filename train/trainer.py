@@ -17,12 +17,12 @@ from data.loader import build_data
 from model.config import ConfigError
 from model.moe import RoutingStats
 from model.transformer import Decoder
-from parallel import parallelize
+from parallel import parallelize, pipeline_schedule
 from parallel.grads import GradSync
 from parallel.mesh import ParallelContext, init_parallel
 from train.checkpoint import Checkpointer, check_compatible, latest_checkpoint, load_training_state, read_meta
 from train.config import Config
-from train.evaluate import evaluate
+from train.evaluate import evaluate, evaluate_pipeline
 from train.metrics import MetricsLogger, format_duration, routing_summary
 from train.optim import build_optimizer, lr_at, set_lr
 from train.signals import ShutdownRequest
@@ -53,6 +53,8 @@ def reduce_for_logging(ctx: ParallelContext, values: torch.Tensor, routing: list
     global batch whatever the layout. Collectives: logging intervals only."""
     if not ctx.distributed:
         return routing
+    if ctx.dims.pp > 1:  # the CE lives on the last stage and each stage holds its own layers' balance loss
+        dist.all_reduce(values, group=ctx.group("pp"))
     if ctx.dims.dp > 1:
         dist.all_reduce(values, group=ctx.group("dp"))
         values /= ctx.dims.dp
@@ -82,6 +84,7 @@ def run(cfg: Config) -> dict[str, Any]:
     # Every rank builds the same full model from the same seed, then keeps its shards.
     torch.manual_seed(tc.seed)
     model = parallelize(Decoder(cfg.model, cfg.moe).to(device), ctx)
+    pipeline = pipeline_schedule(model, ctx)
     optimizer = build_optimizer(model, cfg.optim)
     grad_sync = GradSync(model, ctx)
     data = build_data(cfg.data, tc.seed)
@@ -110,7 +113,7 @@ def run(cfg: Config) -> dict[str, Any]:
     logger.write(
         f"{cfg.name}: {counts[0] / 1e6:.2f}M parameters ({counts[1] / 1e6:.2f}M active at most), "
         f"{tc.max_steps} steps x {tokens_per_step} tokens on {device}, world {d.world_size} = "
-        f"tp {d.tp} x dp {d.dp} (ep {d.ep}), {n_micro} micro-batch(es) of {tc.micro_batch_size} per rank"
+        f"pp {d.pp} x tp {d.tp} x dp {d.dp} (ep {d.ep}), {n_micro} micro-batch(es) of {tc.micro_batch_size} per rank"
         + (f"; synthetic corpus, loss floor {floor:.4f} nats" if floor is not None else "")
         + (f"; resumed from {resume_from} (step {start_step})" if resume_from is not None else "")
     )
@@ -135,7 +138,9 @@ def run(cfg: Config) -> dict[str, Any]:
             batch = data.global_batch(consumed, tc.global_batch_size, ctx.dp_rank, d.dp).to(device)
             consumed += tc.global_batch_size
             micro = list(batch.split(tc.micro_batch_size))
-            result = train_step(model, optimizer, micro, cfg.moe.balance_coeff, cfg.optim.clip_grad, amp, grad_sync)
+            result = train_step(
+                model, optimizer, micro, cfg.moe.balance_coeff, cfg.optim.clip_grad, amp, grad_sync, pipeline
+            )
             interval_steps += 1
             logger.advance()
             if result.skipped:
@@ -165,8 +170,11 @@ def run(cfg: Config) -> dict[str, Any]:
                     interval_steps * tokens_per_step / (time.perf_counter() - interval_start),
                 )
                 if tc.eval_interval and (step % tc.eval_interval == 0 or step == tc.max_steps):
-                    shard = (ctx.tp_rank, d.tp) if d.sp else None
-                    record.update(evaluate(model, valid_batches, amp, data.corpus, shard))
+                    if pipeline is not None:
+                        record.update(evaluate_pipeline(pipeline, valid_batches, amp, ctx.group("pp")))
+                    else:
+                        shard = (ctx.tp_rank, d.tp) if d.sp else None
+                        record.update(evaluate(model, valid_batches, amp, data.corpus, shard))
                 logger.log(record, console=format_line(record, tc.max_steps, floor))
                 interval_start, interval_steps = time.perf_counter(), 0
 
@@ -227,6 +235,14 @@ def log_step(
         "skipped_steps": skipped_total,
     }
     summary = routing_summary(routing, cfg.moe)
+    if ctx.dims.pp > 1:  # every stage summarised its own layers; the log lists all of them in order
+        stages: list = [None] * ctx.dims.pp
+        dist.all_gather_object(stages, summary["layers"], group=ctx.group("pp"))
+        summary["layers"] = [layer for stage in stages for layer in stage]
+        if summary["layers"]:
+            n = len(summary["layers"])
+            summary["ffn_per_token"] = sum(x["ffn_per_token"] for x in summary["layers"]) / n
+            summary["share_zero_computation"] = sum(1 - x["share_ffn"] - x["dropped"] for x in summary["layers"]) / n
     if "ffn_per_token" in summary:
         record["ffn_per_token"] = summary["ffn_per_token"]
         record["share_zero_computation"] = summary["share_zero_computation"]

@@ -47,6 +47,7 @@ def test_layouts_under_torchrun_match_single_process(tmp_path):
     for name, overrides in {
         "ep4": ["parallel.ep=4"],
         "tp2-sp-xep2": ["parallel.tp=2", "parallel.ep=2", "parallel.sequence_parallel=true"],
+        "pp2xep2": ["parallel.pp=2", "parallel.ep=2"],
     }.items():
         proc = _train(tmp_path / name, 4, overrides)
         assert _losses(tmp_path / name) == pytest.approx(reference, rel=1e-4), name

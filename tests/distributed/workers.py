@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -211,3 +212,75 @@ def load_layout(rank: int, world: int, tp: int, ep: int, ckpt_dir: str) -> None:
     _close("logits after reload", _full_logits(model, _fixed_tokens()), torch.load(Path(ckpt_dir) / "logits.pt"))
     steps = {float(s["step"]) for s in opt.state.values()}
     assert steps == {1.0}, steps
+
+
+def pipeline_equivalence(
+    rank: int,
+    world: int,
+    pp: int,
+    tp: int,
+    ep: int,
+    num_layers: int,
+    every_n: int,
+    pp_layers: list[int] | None,
+    vanilla: bool = False,
+) -> None:
+    """Pipeline stages (1F1B, 3 micro-batches per rank) against the single-process model: loss, balance loss,
+    every gradient and the parameters after 3 steps."""
+    import dataclasses
+
+    from parallel import pipeline_schedule
+
+    ctx = init_parallel(ParallelConfig(pp=pp, tp=tp, ep=ep, pp_layers=pp_layers), "cpu")
+    dp, n_micro = ctx.dims.dp, 3
+    mcfg, moecfg = tiny_model_configs(vanilla=vanilla)
+    mcfg = dataclasses.replace(mcfg, num_layers=num_layers)
+    moecfg = dataclasses.replace(moecfg, every_n_layers=every_n)
+    torch.manual_seed(0)
+    ref = Decoder(mcfg, moecfg)
+    par = parallelize(copy.deepcopy(ref), ctx)
+    sched = pipeline_schedule(par, ctx)
+    sync = GradSync(par, ctx)
+    g = torch.Generator().manual_seed(1)
+    # One sequence per micro-batch; the reference sees every rank's micro-batches as its own micro-batches.
+    steps = [torch.randint(0, mcfg.vocab_size, (dp * n_micro, 13), generator=g) for _ in range(4)]
+
+    def mine(batch: torch.Tensor) -> list[torch.Tensor]:
+        return list(batch[ctx.dp_rank * n_micro : (ctx.dp_rank + 1) * n_micro].split(1))
+
+    from train.step import local_forward_backward
+
+    no_amp = contextlib.nullcontext()
+    ce_ref, bal_ref, _ = local_forward_backward(ref, list(steps[0].split(1)), moecfg.balance_coeff, no_amp)
+    stage = sched.forward_backward(mine(steps[0]), moecfg.balance_coeff, no_amp)
+    values = torch.stack([stage.ce_sum, stage.balance_sum]) / n_micro
+    dist.all_reduce(values, group=ctx.group("pp"))  # CE lives on the last stage, L_b on every stage
+    if dp > 1:
+        dist.all_reduce(values, group=ctx.group("dp"))
+        values /= dp
+    _close("loss", values[0], ce_ref / (dp * n_micro))
+    _close("balance loss", values[1], bal_ref / (dp * n_micro))
+    sync.reduce()
+    grads = full_tensors(par, ctx, grads=True)
+    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+    assert set(grads) <= set(ref_grads)
+    for name, got in grads.items():
+        _close(f"grad {name}", got, ref_grads[name])
+    seen = [None] * world
+    dist.all_gather_object(seen, sorted(grads))
+    assert set().union(*map(set, seen)) == set(ref_grads)  # the stages together hold every parameter
+    ref.zero_grad(set_to_none=True)
+    par.zero_grad(set_to_none=True)
+
+    optim_cfg = OptimConfig(lr=1e-2, weight_decay=0.1, eps=ADAM_EPS)
+    opt_ref, opt_par = build_optimizer(ref, optim_cfg), build_optimizer(par, optim_cfg)
+    for step in range(1, 4):
+        r = train_step(ref, opt_ref, list(steps[step].split(1)), moecfg.balance_coeff, clip_grad=0.05)
+        p = train_step(
+            par, opt_par, mine(steps[step]), moecfg.balance_coeff, clip_grad=0.05, grad_sync=sync, pipeline=sched
+        )
+        _close(f"step {step} grad norm", p.grad_norm, r.grad_norm)
+    params = full_tensors(par, ctx)
+    ref_params = dict(ref.named_parameters())
+    for name, got in params.items():
+        _close(f"param {name} after 3 steps", got, ref_params[name].detach(), PARAM_RTOL, PARAM_ATOL)
