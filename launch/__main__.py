@@ -26,10 +26,12 @@ if TYPE_CHECKING:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m launch", description=__doc__.strip().splitlines()[2], allow_abbrev=False
+        prog="python -m launch", description=__doc__.strip().split("\n\n")[1], allow_abbrev=False
     )
     p.add_argument("config", help="run config YAML with a cluster: section")
-    p.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="overrides, as for python -m train")
+    p.add_argument(
+        "overrides", nargs="*", default=[], metavar="dotted.key=value", help="overrides, as for python -m train"
+    )
     p.add_argument(
         "--node-rank",
         type=int,
