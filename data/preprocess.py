@@ -95,9 +95,11 @@ def preprocess(
     workers: int = 1,
     json_key: str = "text",
     invalid_utf8: InvalidUTF8 = "skip",
-    batch_bytes: int = 1 << 20,
+    batch_bytes: int | None = None,
     progress: bool = True,
 ) -> PreprocessResult:
+    """Tokenize `inputs` (in order) into PREFIX.bin/.idx. With workers > 1 the caller's main module must be
+    import-safe (`if __name__ == "__main__":`), since workers are spawned."""
     if workers < 1:
         raise ValueError(f"--workers: must be >= 1, got {workers}")
     paths = [check_input_file(p) for p in inputs]  # every input is checked before any work starts
@@ -106,6 +108,9 @@ def preprocess(
     tokenizer = Tokenizer(tokenizer_path)
     dtype = optimal_dtype(tokenizer.vocab_size)
     total = sum(p.stat().st_size for p in paths)
+    if batch_bytes is None:
+        # Enough batches to keep every worker busy on a small corpus, at most 1 MB (bounded memory) on a large one.
+        batch_bytes = min(max(total // (8 * workers), 64 << 10), 1 << 20)
     stats = ReadStats()
     batches = _batches(paths, json_key, invalid_utf8, stats, batch_bytes)
     t0 = time.perf_counter()

@@ -126,6 +126,17 @@ def test_megatron_core_reads_our_files_and_we_read_its_files(tmp_path):
     builder.finalize(str(tmp_path / "mc.idx"))
     ours = IndexedDataset(tmp_path / "mc")
     assert [ours[i].tolist() for i in range(2)] == [[5, 6, 7], [8, 9]] and ours.dtype == np.uint16
+
+    # Megatron's sentence-split datasets have several sequences per document; document ends still come out right.
+    builder = mc.IndexedDatasetBuilder(str(tmp_path / "split.bin"), dtype=np.uint16)
+    for doc in [[[1, 2], [3]], [[4, 5, 6]], [[7], [8], [9, 10]]]:
+        for sentence in doc:
+            builder.add_item(torch.tensor(sentence))
+        builder.end_document()
+    builder.finalize(str(tmp_path / "split.idx"))
+    split = IndexedDataset(tmp_path / "split")
+    assert len(split) == 6 and split.num_documents == 3 and split.document_token_ends().tolist() == [3, 6, 10]
+    assert split.is_contiguous() and split.tokens.tolist() == list(range(1, 11))
     with IndexedDatasetWriter(tmp_path / "same", np.uint16) as w:
         for d in [[5, 6, 7], [8, 9]]:
             w.add_document(np.array(d))

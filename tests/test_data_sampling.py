@@ -42,6 +42,16 @@ def test_split_is_by_document_and_both_sides_hold_a_window():
         split_by_document(TokenStream("tiny", np.arange(20), np.array([20])), 0.1, 16)
 
 
+def test_too_short_or_empty_datasets_are_one_line_errors(tmp_path):
+    short = write_dataset(tmp_path / "short", [30, 40])
+    with pytest.raises(ValueError, match=rf"^{short}: 70 tokens is shorter than two sequences of 65 "):
+        build_data(DataConfig(path=short, seq_len=64), seed=0)
+    with IndexedDatasetWriter(tmp_path / "empty", np.uint16):
+        pass  # a valid file pair with no documents
+    with pytest.raises(ValueError, match=r"empty: the indexed dataset has no tokens; rebuild it"):
+        build_data(DataConfig(path=str(tmp_path / "empty"), seq_len=8), seed=0)
+
+
 def test_windows_pack_across_document_boundaries(tmp_path):
     prefix = write_dataset(tmp_path / "ds", [5, 3, 30, 7, 60, 40, 55])
     data = build_data(DataConfig(path=prefix, seq_len=8, valid_fraction=0.2), seed=0)
