@@ -236,3 +236,22 @@ def test_no_tokenizer_is_said(tmp_path):
     assert "tokenizer.model" not in result.files
     cfg = json.loads((tmp_path / "hf/config.json").read_text())
     assert cfg["bos_token_id"] is None and cfg["eos_token_id"] is None
+
+
+def test_capacity_is_training_only_and_said(tmp_path):
+    import dataclasses
+
+    from model.transformer import Decoder
+
+    model_cfg, moe_cfg = tiny(logits_std_norm=True, capacity_factor=0.5)
+    ours = save_run(tmp_path / "run", model_cfg, moe_cfg)
+    lines: list[str] = []
+    assert export(tmp_path / "run", tmp_path / "hf", log=lines.append).layout == RELEASE
+    assert any("capacity_factor=0.5" in s and "dropless" in s for s in lines), lines
+    dropless = Decoder(model_cfg, dataclasses.replace(moe_cfg, capacity_factor=None))
+    dropless.load_state_dict(ours.state_dict())
+    x = tokens()
+    with torch.no_grad():
+        got = load_hf(tmp_path / "hf")(x).logits
+        torch.testing.assert_close(got, dropless.eval()(x).logits_BSV, atol=ATOL, rtol=RTOL)
+        assert not torch.allclose(got, ours(x).logits_BSV, atol=1e-3)  # capacity 0.5 really drops tokens

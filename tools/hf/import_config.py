@@ -4,7 +4,6 @@ Mixtral."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from model.config import ConfigError, ModelConfig, MoEConfig, RouterConfig
@@ -197,7 +196,3 @@ def _mixtral_fields(cfg: dict[str, Any]) -> dict[str, Any]:
     )
     rope = cfg.get("rope_parameters") or {}
     return {**{k: cfg.get(k) for k in keys}, "rope_theta": rope.get("rope_theta", cfg.get("rope_theta"))}
-
-
-def sections(model: ModelConfig, moe: MoEConfig) -> dict[str, Any]:
-    return {"model": dataclasses.asdict(model), "moe": dataclasses.asdict(moe)}
