@@ -16,7 +16,8 @@ from train.checkpoint import Checkpointer
 from train.config import Config, DataConfig
 from train.optim import build_optimizer
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Before transformers is imported (it reads this once): the tests never touch the network.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 # fp32 logits of the export against our model: the modeling file repeats our arithmetic, so the two agree to
 # rounding (measured 0.0 for the MoE++ layouts, 6e-8 for Mixtral, whose RoPE tables are computed in fp32).
