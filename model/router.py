@@ -75,9 +75,10 @@ class Router(nn.Module):
         probs = scores.softmax(dim=-1)
         top_p, expert_idx = probs.topk(cfg.top_k, dim=-1)
         gates = self.apply_gate_convention(top_p, expert_idx)
+        # Capacity is a training device (spec §3): evaluation and inference stay dropless and batch-independent.
         kept = (
             self.capacity_mask(expert_idx)
-            if cfg.capacity_factor is not None
+            if cfg.capacity_factor is not None and self.training
             else torch.ones_like(gates, dtype=torch.bool)
         )
         gates = gates * kept

@@ -272,7 +272,8 @@ def load_training_state(
         raise CheckpointError(
             f"{path}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]}); pick another step"
         ) from None
-    _set_rng_state(meta.get("rng"))
+    if optimizer is not None:  # resuming training; a weights-only load leaves the caller's RNG alone
+        _set_rng_state(meta.get("rng"))
     return meta
 
 
