@@ -229,12 +229,28 @@ class CheckpointConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases mirror of metrics.jsonl. wandb is optional: without it (or with mode disabled) the run
+    logs to metrics.jsonl only; offline (the default) writes under <run_dir>/wandb and never needs a network."""
+
+    project: str = "moepp"
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    # null: the config's name.
+    run_name: str | None = None
+
+    def validate(self) -> None:
+        require(bool(self.project), "logging.wandb.project", "must be a non-empty string")
+
+
+@dataclass
 class LoggingConfig:
     interval: int = 10  # steps between console lines / metrics.jsonl records
     progress_bar: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def validate(self) -> None:
         require(self.interval >= 1, "logging.interval", "must be >= 1")
+        self.wandb.validate()
 
 
 @dataclass

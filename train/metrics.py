@@ -1,15 +1,19 @@
-"""Metrics: routing summaries, metrics.jsonl, and the console progress line."""
+"""Metrics: routing summaries, metrics.jsonl, the console progress line, and an optional wandb mirror."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from model.config import MoEConfig
 from model.moe import RoutingStats
+
+if TYPE_CHECKING:
+    from train.config import WandbConfig
 
 
 def routing_summary(stats: list[RoutingStats], moe: MoEConfig) -> dict[str, Any]:
@@ -51,12 +55,75 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+def flatten_for_wandb(record: dict[str, Any]) -> dict[str, float]:
+    """One metrics.jsonl record as flat wandb keys: scalars keep their names; `routing` (one dict per MoE layer,
+    in layer order) becomes `routing/layer{i}/{key}`, and its expert_load list `routing/layer{i}/load/e{j}`.
+    None (a non-finite value) and non-numeric entries are left out."""
+    flat: dict[str, float] = {}
+    for key, value in record.items():
+        if key == "routing":
+            for i, layer in enumerate(value):
+                for k, v in layer.items():
+                    if k == "expert_load":
+                        flat.update({f"routing/layer{i}/load/e{j}": float(x) for j, x in enumerate(v)})
+                    elif _is_number(v):
+                        flat[f"routing/layer{i}/{k}"] = float(v)
+        elif key != "step" and _is_number(value):
+            flat[key] = float(value)
+    return flat
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def start_wandb(cfg: WandbConfig | None, run_dir: Path, run_config: dict[str, Any], name: str) -> Any | None:
+    """A wandb run, or None when disabled, not installed, or failing to start (one console line says which).
+    wandb is imported here and nowhere else, so the package stays optional."""
+    if cfg is None or cfg.mode == "disabled":
+        return None
+    try:
+        wandb = importlib.import_module("wandb")
+    except ImportError:
+        print(
+            f"wandb: not installed, logging to {run_dir / 'metrics.jsonl'} only "
+            "(pip install -e '.[wandb]', or set logging.wandb.mode=disabled to silence this)",
+            flush=True,
+        )
+        return None
+    try:
+        # console="off": wandb must not wrap our stdout (the progress bar and torchrun's rank prefixes use it).
+        run = wandb.init(
+            project=cfg.project,
+            name=cfg.run_name or name,
+            mode=cfg.mode,
+            dir=str(run_dir),
+            config=run_config,
+            settings={"silent": True, "console": "off"},
+        )
+    except Exception as e:  # a logging mirror must never stop training
+        print(f"wandb: could not start ({type(e).__name__}: {e}); logging to metrics.jsonl only", flush=True)
+        return None
+    where = getattr(run, "dir", None) or run_dir
+    hint = f"; sync later with `wandb sync {Path(where).parent}`" if cfg.mode == "offline" else ""
+    print(f"wandb: {cfg.mode} run {cfg.project}/{cfg.run_name or name} in {where}{hint}", flush=True)
+    return run
+
+
 class MetricsLogger:
     """Writes one JSON object per logging interval to metrics.jsonl and one line to the console (above a
-    progress bar when stderr is a terminal)."""
+    progress bar when stderr is a terminal), and mirrors each record to wandb when `wandb` says so."""
 
     def __init__(
-        self, run_dir: Path, total_steps: int, start_step: int = 0, progress_bar: bool = True, enabled: bool = True
+        self,
+        run_dir: Path,
+        total_steps: int,
+        start_step: int = 0,
+        progress_bar: bool = True,
+        enabled: bool = True,
+        wandb: WandbConfig | None = None,
+        run_config: dict[str, Any] | None = None,
+        name: str = "run",
     ) -> None:
         self.enabled = enabled
         self.total_steps = total_steps
@@ -68,6 +135,7 @@ class MetricsLogger:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=False)
+        self.wandb_run = start_wandb(wandb, run_dir, run_config or {}, name) if enabled else None
 
     def eta(self, step: int) -> float:
         done = step - self.start_step
@@ -83,6 +151,8 @@ class MetricsLogger:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log(flatten_for_wandb(record), step=record.get("step"))
         if console:
             self.write(console)
 
@@ -97,3 +167,6 @@ class MetricsLogger:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None

@@ -106,7 +106,16 @@ def run(cfg: Config) -> dict[str, Any]:
 
     tokens_per_step = tc.global_batch_size * cfg.data.seq_len
     valid_batches = [b.to(device) for b in data.valid_batches(tc.micro_batch_size, tc.eval_batches)]
-    logger = MetricsLogger(run_dir, tc.max_steps, start_step, cfg.logging.progress_bar, ctx.is_logging_rank)
+    logger = MetricsLogger(
+        run_dir,
+        tc.max_steps,
+        start_step,
+        cfg.logging.progress_bar,
+        ctx.is_logging_rank,
+        wandb=cfg.logging.wandb,
+        run_config=cfg.to_dict(),
+        name=cfg.name,
+    )
     floor = data.corpus.entropy_per_token if data.corpus is not None else None
     counts = _param_counts(cfg)
     d = ctx.dims
