@@ -1,0 +1,218 @@
+"""All-to-all volume and time of dispatch + combine under expert parallelism, MoE++ vs vanilla, at the paper's
+shapes (hidden 768; (8+4), (16+4), (32+8)) and tau in {0.1, 0.25, 0.5, 0.75, 1.0}, for ep = 2 and ep = 4 (gloo
+processes on CPU; NCCL on a GPU machine). Prints a table and writes the "All-to-all" section of docs/benchmarks.md.
+
+    python bench/all_to_all.py [--tokens 4200] [--repeats 5] [--ep 2 4]
+
+Each rank routes its own tokens with controlled routing (bench/routing.py: FFN share = tau N_ffn/(tau N_ffn + N_zc)
+exactly, spread evenly over experts). The layer's FFN experts are replaced by a pass-through so that only the
+dispatcher is exercised; dispatch and combine are each timed after a barrier (so a rank never times another's
+lateness), bytes come from the layer's RoutingStats (rows handed to the collectives, dispatch + combine).
+Targets: bytes ratio MoE++/vanilla = FFN share exactly; time ratio within 10% of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import Tensor, nn
+
+from bench.report import markdown_table, write_section
+from bench.routing import SHAPES, TAUS, balanced_assignments, build_pair, control, ffn_share
+from model.dispatch import DispatchResult
+from model.moe import MoELayer
+from parallel.expert_parallel import apply_expert_parallel
+
+
+class PassThroughExperts(nn.Module):
+    """Stands in for FFNExperts: returns its rows, so the benchmark times the dispatcher alone."""
+
+    def forward(self, x_AD: Tensor, tokens_per_expert: list[int]) -> Tensor:
+        return x_AD
+
+
+class TimedDispatcher:
+    """Wraps a dispatcher; times dispatch and combine, each after a barrier."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.seconds = 0.0
+
+    def dispatch(self, x_TD: Tensor, token_idx_A: Tensor, tokens_per_expert_E: Tensor) -> DispatchResult:
+        dist.barrier()
+        t = time.perf_counter()
+        out = self.inner.dispatch(x_TD, token_idx_A, tokens_per_expert_E)
+        self.seconds += time.perf_counter() - t
+        return out
+
+    def combine(self, y_AD: Tensor, dispatched: DispatchResult) -> Tensor:
+        dist.barrier()
+        t = time.perf_counter()
+        out = self.inner.combine(y_AD, dispatched)
+        self.seconds += time.perf_counter() - t
+        return out
+
+
+def prepare(layer: MoELayer) -> TimedDispatcher:
+    apply_expert_parallel(layer, dist.group.WORLD)
+    layer.experts = PassThroughExperts()
+    layer.dispatcher = TimedDispatcher(layer.dispatcher)
+    return layer.dispatcher
+
+
+@torch.no_grad()
+def measure_once(layer: MoELayer, x: Tensor, prev: Tensor | None) -> tuple[float, int, int, int]:
+    """(dispatch+combine ms on this rank, its FFN assignments, all its assignments, bytes it moved)."""
+    layer.dispatcher.seconds = 0.0
+    _, _, _, stats = layer(x, prev)
+    counts = stats.expert_counts_E
+    return layer.dispatcher.seconds * 1e3, int(counts[: layer.num_ffn].sum()), int(counts.sum()), stats.bytes_sent
+
+
+def worker(rank: int, world: int, port: int, tokens: int, repeats: int, out_path: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    results = []
+    try:
+        for name, n_ffn, n_zero, n_copy, n_const in SHAPES:
+            pair = build_pair(n_ffn, n_zero, n_copy, n_const)  # same seed: the same weights on every rank
+            prepare(pair.moepp)
+            prepare(pair.vanilla)
+            torch.manual_seed(100 + rank)  # each rank holds different tokens
+            x = torch.randn(tokens, 768)
+            prev = torch.randn(tokens, n_ffn + pair.n_zc)
+            control(pair.vanilla, balanced_assignments(tokens, n_ffn, 0, 1.0, seed=rank))
+            for tau in TAUS:
+                target = ffn_share(tau, n_ffn, pair.n_zc)
+                control(pair.moepp, balanced_assignments(tokens, n_ffn, pair.n_zc, target, seed=rank))
+                # Alternate vanilla and MoE++ so that machine noise hits both alike; keep the fastest of each.
+                van_ms, pp_ms = float("inf"), float("inf")
+                measure_once(pair.vanilla, x, None)  # warm-up
+                measure_once(pair.moepp, x, prev)
+                for _ in range(repeats):
+                    ms, _, _, van_bytes = measure_once(pair.vanilla, x, None)
+                    van_ms = min(van_ms, ms)
+                    ms, ffn, total, pp_bytes = measure_once(pair.moepp, x, prev)
+                    pp_ms = min(pp_ms, ms)
+                # Every rank's numbers (float64 holds these integers exactly), averaged on rank 0.
+                mine = torch.tensor([van_ms, pp_ms, van_bytes, pp_bytes, ffn, total], dtype=torch.float64)
+                gathered = [torch.zeros_like(mine) for _ in range(world)]
+                dist.all_gather(gathered, mine)
+                mean = torch.stack(gathered).mean(0).tolist()
+                results.append({"shape": name, "tau": tau, "target": target, "ranks": [g.tolist() for g in gathered]})
+                results[-1].update(zip(("van_ms", "pp_ms", "van_bytes", "pp_bytes", "ffn", "total"), mean, strict=True))
+                results[-1]["share"] = results[-1]["ffn"] / results[-1]["total"]
+                if rank == 0:
+                    print(f"ep={world} {name} tau {tau}: {mean}", flush=True)
+    finally:
+        dist.destroy_process_group()
+    if rank == 0:
+        Path(out_path).write_text(json.dumps(results))
+
+
+def run_ep(world: int, tokens: int, repeats: int) -> list[dict]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "results.json")
+        mp.spawn(worker, args=(world, port, tokens, repeats, out), nprocs=world, join=True)
+        return json.loads(Path(out).read_text())
+
+
+def table_rows(world: int, results: list[dict]) -> tuple[list[list[str]], list[float], list[bool]]:
+    rows, time_errors, exact = [], [], []
+    for r in results:
+        bytes_ratio, time_ratio = r["pp_bytes"] / r["van_bytes"], r["pp_ms"] / r["van_ms"]
+        # Exact, in integers, over the whole ep group: MoE++ bytes x assignments = vanilla bytes x FFN assignments.
+        # (Per rank it is only close: a rank receives what the other ranks route to its experts.)
+        van_b, pp_b, ffn, total = (sum(int(g[i]) for g in r["ranks"]) for i in (2, 3, 4, 5))
+        is_exact = pp_b * total == van_b * ffn
+        exact.append(is_exact)
+        time_errors.append(time_ratio / r["share"] - 1)
+        rows.append(
+            [
+                f"ep={world}",
+                r["shape"],
+                str(r["tau"]),
+                f"{r['share']:.4f}",
+                f"{r['van_bytes'] / 1e6:.2f}",
+                f"{r['pp_bytes'] / 1e6:.2f}",
+                f"{bytes_ratio:.4f}" + (" (exact)" if is_exact else " (NOT exact)"),
+                f"{r['van_ms']:.1f}",
+                f"{r['pp_ms']:.1f}",
+                f"{time_ratio:.3f} ({time_errors[-1]:+.0%})",
+            ]
+        )
+    return rows, time_errors, exact
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # 4200 tokens x top-2 = 8400 assignments: every FFN share of the sweep (sixths, sevenths, fifths, quarters, thirds)
+    # is a whole number of assignments.
+    parser.add_argument("--tokens", type=int, default=4200, help="tokens per rank")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--ep", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--no-write", action="store_true", help="print only, leave docs/benchmarks.md alone")
+    args = parser.parse_args()
+    rows, errors, exact = [], [], []
+    for world in args.ep:
+        r, e, x = table_rows(world, run_ep(world, args.tokens, args.repeats))
+        rows += r
+        errors += e
+        exact += x
+    headers = [
+        "ep",
+        "layer",
+        "tau",
+        "FFN share",
+        "vanilla MB",
+        "MoE++ MB",
+        "bytes ratio",
+        "vanilla ms",
+        "MoE++ ms",
+        "time ratio (vs share)",
+    ]
+    within = sum(abs(e) <= 0.10 for e in errors)
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), torch {torch.__version__}"
+    extra = "".join(
+        [f" --tokens {args.tokens}" if args.tokens != 4200 else "", f" --repeats {args.repeats}" * (args.repeats != 5)]
+    )
+    body = (
+        f"`python bench/all_to_all.py{extra}` on {machine}, {datetime.date.today()}: gloo, one process per ep rank "
+        f"(1 thread each) on one machine, {args.tokens} tokens per rank, hidden 768 fp32 (3,072 bytes per row), "
+        f"top-2, fastest of {args.repeats}. MB = bytes each rank hands to the collectives for dispatch + combine "
+        "(its own chunk included), mean over ranks; ms = dispatch + combine on a rank, mean over ranks. "
+        "**CPU timings on a 2-core machine shared with other work: indicative only.** NCCL numbers are pending "
+        "(no GPU in this session).\n\n"
+        f"{markdown_table(headers, rows)}\n\n"
+        f"Bytes ratio equal to the FFN share of assignments exactly (integers, summed over the ep group): "
+        f"{sum(exact)}/{len(exact)} rows. Time ratio within 10% "
+        f"of the FFN share: {within}/{len(errors)} rows; deviations range {min(errors):+.0%} to {max(errors):+.0%} "
+        f"(mean {sum(errors) / len(errors):+.0%}). They go both ways: with up to 4 gloo processes on 2 shared "
+        "cores, scheduling noise is as large as the effect, so the CPU timings only say that time follows the "
+        "volume on average; the byte counts are the exact result. A GPU/NCCL run is needed for the time target."
+    )
+    print(body)
+    if not args.no_write:
+        write_section("All-to-all (expert parallel dispatch + combine, CPU gloo)", body)
+
+
+if __name__ == "__main__":
+    main()

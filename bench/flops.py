@@ -1,0 +1,87 @@
+"""Model FLOPs of a training step and MFU, counted from the config and the routing actually observed.
+
+Per token, forward, one multiply-add = 2 FLOPs (D hidden, H query heads, G key/value heads, Dh head dim, S sequence
+length, F dense FFN width, Fe expert width, E all experts, V vocabulary):
+
+    attention      per layer   2*D*(2*H*Dh + 2*G*Dh)       q, k, v, o projections
+                             + 2*2*S*H*Dh                  scores QK^T and weighted sum AV over the full S x S
+                                                           matrix (PaLM / Megatron convention; a causal kernel
+                                                           does about half of it)
+    dense FFN      per dense layer   2*3*D*F               SwiGLU: gate, up, down
+    router         per MoE layer     2*D*E                 (+ 2*E*E gating residual, two-layer: 2*D*8E + 2*8E*E)
+    FFN experts    per MoE layer     n_ffn * 2*3*D*Fe      n_ffn = mean FFN experts per token *of that layer*,
+                                                           from the routing statistics (top_k for vanilla MoE)
+    constant exp.  per MoE layer     2*3*D*n_const         W_c x ([2, D] each) and the v term
+    LM head                          2*D*V                 (embedding lookup: 0)
+
+Copy and zero experts cost nothing. A training step costs 3x the forward (backward = 2x forward; no activation
+recomputation). MFU = achieved model FLOP/s / the device's dense bf16 peak.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from model.config import ModelConfig, MoEConfig
+
+# Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, from the vendors' data sheets.
+BF16_PEAK_TFLOPS = {"H100 SXM": 989.4, "H100 PCIe": 756.5, "H200": 989.4, "A100": 312.0}
+
+
+@dataclass
+class FlopBreakdown:
+    """Forward FLOPs per token, by part."""
+
+    attention: float = 0.0
+    dense_ffn: float = 0.0
+    router: float = 0.0
+    experts: float = 0.0
+    constant: float = 0.0
+    head: float = 0.0
+
+    @property
+    def forward(self) -> float:
+        return sum(getattr(self, f.name) for f in fields(self))
+
+    @property
+    def train(self) -> float:
+        return 3 * self.forward
+
+
+def flops_per_token(
+    model: ModelConfig, moe: MoEConfig, seq_len: int, ffn_per_token: list[float] | float | None = None
+) -> FlopBreakdown:
+    """ffn_per_token: mean FFN experts per token of each MoE layer (a list, in layer order) or one value for all;
+    None means top_k (every assignment on an FFN expert, as in a vanilla MoE)."""
+    D, H, G, Dh = model.hidden_size, model.num_heads, model.kv_heads, model.head_dim
+    moe_layers = [i for i in range(model.num_layers) if moe.is_moe_layer(i)]
+    if ffn_per_token is None:
+        ffn_per_token = float(min(moe.top_k, moe.num_experts))
+    per_layer = ffn_per_token if isinstance(ffn_per_token, list) else [ffn_per_token] * len(moe_layers)
+    if len(per_layer) != len(moe_layers):
+        raise ValueError(f"ffn_per_token has {len(per_layer)} values for {len(moe_layers)} MoE layers")
+    b = FlopBreakdown()
+    b.attention = model.num_layers * (2 * D * (2 * H * Dh + 2 * G * Dh) + 2 * 2 * seq_len * H * Dh)
+    b.dense_ffn = (model.num_layers - len(moe_layers)) * 2 * 3 * D * model.ffn_hidden_size
+    E, Fe = moe.num_total_experts, moe.expert_ffn_hidden_size or model.ffn_hidden_size
+    for j, n_ffn in enumerate(per_layer):
+        b.router += 2 * D * 8 * E + 2 * 8 * E * E if moe.router.two_layer else 2 * D * E
+        if moe.gating_residual and j > 0:  # the first MoE layer has no residual term
+            b.router += 2 * E * E
+        b.experts += n_ffn * 2 * 3 * D * Fe
+        b.constant += 2 * 3 * D * moe.num_constant_experts
+    b.head = 2 * D * model.vocab_size
+    return b
+
+
+def peak_tflops(device_name: str) -> tuple[str, float] | None:
+    """(table entry, dense bf16 peak) for a CUDA device name such as 'NVIDIA H100 80GB HBM3', or None."""
+    name = device_name.upper()
+    if "H200" in name:
+        return "H200", BF16_PEAK_TFLOPS["H200"]
+    if "H100" in name:
+        key = "H100 PCIe" if "PCIE" in name else "H100 SXM"
+        return key, BF16_PEAK_TFLOPS[key]
+    if "A100" in name:
+        return "A100", BF16_PEAK_TFLOPS["A100"]
+    return None
