@@ -17,15 +17,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from bench.report import markdown_table, write_section  # noqa: E402
-from model.transformer import Decoder  # noqa: E402
-from parallel.config import ParallelConfig  # noqa: E402
-from parallel.mesh import init_parallel  # noqa: E402
-from train.checkpoint import Checkpointer, init_optimizer_state, load_training_state  # noqa: E402
-from train.config import load_config  # noqa: E402
-from train.optim import build_optimizer  # noqa: E402
+from bench.report import markdown_table, write_section
+from model.transformer import Decoder
+from parallel.config import ParallelConfig
+from parallel.mesh import init_parallel
+from train.checkpoint import Checkpointer, init_optimizer_state, load_training_state
+from train.config import load_config
+from train.optim import build_optimizer
 
 
 def dir_bytes(path: Path) -> int:
