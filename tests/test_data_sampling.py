@@ -3,6 +3,8 @@
 Datasets are written directly with IndexedDatasetWriter in tmp_path, with token ids that say where they came from.
 """
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,8 @@ from data.loader import build_data
 from data.sources import TokenStream, split_by_document
 from model.config import ConfigError
 from train.config import DataConfig, DatasetConfig, load_config
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
 
 
 def write_dataset(prefix, doc_lengths, first_token=0, dtype=np.int32):
@@ -152,11 +156,11 @@ def test_training_runs_on_an_indexed_dataset_with_a_tokenizer(tmp_path):
         "logging.progress_bar=false",
         f"train.run_dir={tmp_path / 'run'}",
     ]
-    cfg = load_config("configs/tiny-cpu.yaml", overrides)
+    cfg = load_config(TINY, overrides)
     record = run(cfg)
     assert record["step"] == 2 and np.isfinite(record["val_loss"])
     with pytest.raises(ConfigError, match=r"^data\.tokenizer: vocabulary of 340 tokens > model\.vocab_size=300; "):
-        load_config("configs/tiny-cpu.yaml", [*overrides, "model.vocab_size=300"])
+        load_config(TINY, [*overrides, "model.vocab_size=300"])
 
 
 def config_error(overrides, tmp_path):

@@ -5,7 +5,7 @@
 
 Each document gets EOD (the tokenizer's eos) appended. Plain-text documents are separated by blank lines; JSONL has
 one document per line under --json-key. Output is written atomically: a failed or killed run leaves no dataset
-under PREFIX.
+under PREFIX (a run killed with SIGKILL may leave hidden `.PREFIX.bin.tmp-PID` files next to it; delete them).
 """
 
 from __future__ import annotations
