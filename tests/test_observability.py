@@ -163,12 +163,16 @@ def test_plot_run_writes_pngs(tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
-def test_plot_run_errors(tmp_path, capsys):
-    from tools.plot_run import expert_labels, main
+def test_plot_run_errors_and_labels(tmp_path, capsys):
+    from tools.plot_run import balance_ffn_per_token, expert_labels, main
 
     assert main([str(tmp_path)]) == 2
     assert "metrics.jsonl: not found" in capsys.readouterr().err
     assert expert_labels(tmp_path, 3) == ["e0", "e1", "e2"]  # no config.yaml
+    # At balance top_k * tau N / (tau N + N_zc): 2 * 0.75*4 / (0.75*4 + 2) = 1.2 (spec §4); none for vanilla MoE.
+    moe = {"num_experts": 4, "num_constant_experts": 1, "num_zero_experts": 1, "tau": 0.75, "top_k": 2}
+    assert balance_ffn_per_token(moe) == pytest.approx(1.2)
+    assert balance_ffn_per_token({"num_experts": 4, "num_zero_experts": 0}) is None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -37,13 +37,29 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return records
 
 
+def moe_section(run_dir: Path) -> dict[str, Any]:
+    """The `moe:` section of the run's config.yaml ({} when absent)."""
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        return {}
+    import yaml
+
+    return (yaml.safe_load(cfg_path.read_text()) or {}).get("moe", {}) or {}
+
+
+def balance_ffn_per_token(moe: dict[str, Any]) -> float | None:
+    """FFN experts per token at balance, top_k * tau N_ffn / (tau N_ffn + N_zc) (MoE++ spec §4); None for vanilla."""
+    n_zc = sum(moe.get(k, 0) for k in ("num_zero_experts", "num_copy_experts", "num_constant_experts"))
+    if not n_zc or not moe.get("num_experts"):
+        return None
+    tau_n = moe.get("tau", 0.75) * moe["num_experts"]
+    return moe.get("top_k", 2) * tau_n / (tau_n + n_zc)
+
+
 def expert_labels(run_dir: Path, num_experts: int) -> list[str]:
     """Expert names in the model's order [FFN, constant, copy, zero], from the run's config.yaml when present."""
-    cfg_path = run_dir / "config.yaml"
-    if cfg_path.is_file():
-        import yaml
-
-        moe = (yaml.safe_load(cfg_path.read_text()) or {}).get("moe", {})
+    moe = moe_section(run_dir)
+    if moe:
         counts = [
             ("", moe.get("num_experts", 0)),
             ("const", moe.get("num_constant_experts", 0)),
@@ -110,12 +126,16 @@ def routing_arrays(records: list[dict[str, Any]]) -> tuple[np.ndarray, list[list
     return np.array([s for s, _ in rows]), [layers for _, layers in rows]
 
 
-def plot_ffn_per_token(steps: np.ndarray, routing: list[list[dict[str, Any]]], path: Path, plt: Any) -> None:
+def plot_ffn_per_token(
+    steps: np.ndarray, routing: list[list[dict[str, Any]]], balance: float | None, path: Path, plt: Any
+) -> None:
     n_layers = len(routing[0])
     fig, ax = plt.subplots(figsize=(9, 5), constrained_layout=True)
     colors = plt.get_cmap("viridis")(np.linspace(0, 0.9, n_layers))
     for i in range(n_layers):
         ax.plot(steps, [layers[i]["ffn_per_token"] for layers in routing], color=colors[i], label=f"MoE layer {i}")
+    if balance is not None:
+        ax.axhline(balance, color="black", linestyle="--", linewidth=1, label=f"at balance ({balance:.2f})")
     ax.set_title("FFN experts per token, per MoE layer")
     ax.set_xlabel("step")
     ax.set_ylim(bottom=0)
@@ -193,7 +213,7 @@ def plot_run(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
     if len(steps):
         labels = expert_labels(run_dir, len(routing[0][0]["expert_load"]))
         for name, fn, extra in (
-            ("routing_ffn_per_token.png", plot_ffn_per_token, ()),
+            ("routing_ffn_per_token.png", plot_ffn_per_token, (balance_ffn_per_token(moe_section(run_dir)),)),
             ("routing_shares.png", plot_shares, ()),
             ("routing_load.png", plot_load, (labels,)),
         ):

@@ -158,7 +158,9 @@ def format_table(title: str, rows: list[TokenRow]) -> str:
     return "\n".join(lines)
 
 
-def plot_report(most: list[TokenRow], fewest: list[TokenRow], ffn_T: torch.Tensor, top_k: int, path: Path) -> None:
+def plot_report(
+    most: list[TokenRow], fewest: list[TokenRow], ffn_T: torch.Tensor, top_k: int, n_layers: int, path: Path
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -177,7 +179,9 @@ def plot_report(most: list[TokenRow], fewest: list[TokenRow], ffn_T: torch.Tenso
         ax.set_title(title)
         ax.grid(axis="x", alpha=0.3)
     ax = axes[2]
-    ax.hist(ffn_T.numpy(), bins=40, range=(0, top_k), color="tab:gray")
+    # A position's value is a multiple of 1/n_layers (a mean of 0..top_k over the layers): one bin per value.
+    edges = (torch.arange(n_layers * top_k + 2) - 0.5) / n_layers
+    ax.hist(ffn_T.numpy(), bins=edges.numpy(), color="tab:gray", rwidth=0.85)
     ax.axvline(float(ffn_T.mean()), color="black", linestyle="--", label=f"mean {float(ffn_T.mean()):.2f}")
     ax.set_xlabel("FFN experts per position (mean over MoE layers)")
     ax.set_ylabel("positions")
@@ -231,7 +235,8 @@ def report(
     )
     if plot is not None:
         try:
-            plot_report(most, fewest, ffn_T, top_k, plot)
+            n_layers = sum(isinstance(m, MoELayer) for m in model.modules())
+            plot_report(most, fewest, ffn_T, top_k, n_layers, plot)
             text += f"\n\nplot: {plot}"
         except ImportError:
             text += "\n\nno plot: matplotlib is not installed (pip install -e '.[plots]')"
