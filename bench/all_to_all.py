@@ -135,8 +135,19 @@ def run_ep(world: int, tokens: int, repeats: int) -> list[dict]:
         return json.loads(Path(out).read_text())
 
 
+def vanilla_baseline(results: list[dict]) -> None:
+    """The vanilla layer moves the same rows at every tau: its time per shape is each rank's fastest over all taus
+    (runs that alternated with every MoE++ run), averaged over ranks, so one noisy patch cannot skew a ratio."""
+    for shape in {r["shape"] for r in results}:
+        group = [r for r in results if r["shape"] == shape]
+        per_rank = [min(r["ranks"][k][0] for r in group) for k in range(len(group[0]["ranks"]))]
+        for r in group:
+            r["van_ms"] = sum(per_rank) / len(per_rank)
+
+
 def table_rows(world: int, results: list[dict]) -> tuple[list[list[str]], list[float], list[bool]]:
     rows, time_errors, exact = [], [], []
+    vanilla_baseline(results)
     for r in results:
         bytes_ratio, time_ratio = r["pp_bytes"] / r["van_bytes"], r["pp_ms"] / r["van_ms"]
         # Exact, in integers, over the whole ep group: MoE++ bytes x assignments = vanilla bytes x FFN assignments.
@@ -197,17 +208,21 @@ def main() -> None:
     body = (
         f"`python bench/all_to_all.py{extra}` on {machine}, {datetime.date.today()}: gloo, one process per ep rank "
         f"(1 thread each) on one machine, {args.tokens} tokens per rank, hidden 768 fp32 (3,072 bytes per row), "
-        f"top-2, fastest of {args.repeats}. MB = bytes each rank hands to the collectives for dispatch + combine "
-        "(its own chunk included), mean over ranks; ms = dispatch + combine on a rank, mean over ranks. "
+        f"top-2, fastest of {args.repeats} (vanilla: fastest over all taus of the shape, the same work). MB = "
+        "bytes each rank hands to the collectives for dispatch + combine (its own chunk included), mean over "
+        "ranks; ms = dispatch + combine on a rank, mean over ranks. "
         "**CPU timings on a 2-core machine shared with other work: indicative only.** NCCL numbers are pending "
         "(no GPU in this session).\n\n"
         f"{markdown_table(headers, rows)}\n\n"
         f"Bytes ratio equal to the FFN share of assignments exactly (integers, summed over the ep group): "
         f"{sum(exact)}/{len(exact)} rows. Time ratio within 10% "
         f"of the FFN share: {within}/{len(errors)} rows; deviations range {min(errors):+.0%} to {max(errors):+.0%} "
-        f"(mean {sum(errors) / len(errors):+.0%}). They go both ways: with up to 4 gloo processes on 2 shared "
-        "cores, scheduling noise is as large as the effect, so the CPU timings only say that time follows the "
-        "volume on average; the byte counts are the exact result. A GPU/NCCL run is needed for the time target."
+        f"(mean {sum(errors) / len(errors):+.0%}). Two things move them: a fixed cost per call that does not "
+        "shrink with the volume (the count exchange, the host sync that sizes the splits, regrouping rows by local "
+        "expert), which pushes small shares above the line, and scheduling noise of up to 4 gloo processes on 2 "
+        "shared cores, which the baseline turns into an upward bias: vanilla keeps its fastest of all its runs at "
+        "the shape (5 per tau), MoE++ its fastest of 5. The byte counts are the exact result; the time target needs a "
+        "multi-GPU NCCL run (pending).\n"
     )
     print(body)
     if not args.no_write:
