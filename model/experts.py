@@ -47,9 +47,13 @@ class FFNExperts(nn.Module):
         outs = []
         # Empty experts still run on their zero-row slice: that gives them an all-zero gradient instead of None,
         # so every optimizer and gradient reduction sees the same parameters whatever the routing.
-        for e, x_e in enumerate(torch.split(x_AD, tokens_per_expert)):
-            gate, up = F.linear(x_e, self.w_up[e]).chunk(2, dim=-1)
-            outs.append(F.linear(F.silu(gate) * up, self.w_down[e]))
+        # unbind once: indexing w_up[e] per expert would make each backward build a zero gradient of the whole
+        # stacked weight (cost quadratic in the number of experts: 13.1 s vs 1.9 s for 32 experts, bench/peers.py).
+        for x_e, w_up, w_down in zip(
+            torch.split(x_AD, tokens_per_expert), self.w_up.unbind(0), self.w_down.unbind(0), strict=True
+        ):
+            gate, up = F.linear(x_e, w_up).chunk(2, dim=-1)
+            outs.append(F.linear(F.silu(gate) * up, w_down))
         return torch.cat(outs)
 
     def _grouped(self, x_AD: Tensor, tokens_per_expert: list[int]) -> Tensor:

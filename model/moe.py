@@ -64,7 +64,8 @@ class MoELayer(nn.Module):
         y_AD = self.experts(dispatched.x_AD, dispatched.tokens_per_expert)
         y_AD = self.dispatcher.combine(y_AD, dispatched)
         n = y_AD.shape[0]
-        out = out.index_add(0, token_idx_A[:n], y_AD.float() * gates_A[order_A[:n], None])
+        # In place: `out` is a fresh sum whose value no backward needs, and a copy of [T, D] per layer is waste.
+        out.index_add_(0, token_idx_A[:n], y_AD.float() * gates_A[order_A[:n], None])
 
         counts = torch.zeros(self.cfg.num_total_experts, dtype=torch.long, device=x_TD.device)
         counts.scatter_add_(0, expert_idx_A, kept_A.long())
