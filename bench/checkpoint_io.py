@@ -8,6 +8,7 @@ docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import platform
 import shutil
@@ -76,7 +77,7 @@ def main() -> None:
     table = markdown_table(["operation", "seconds", "MB/s", "training stall (s)"], rows)
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
     body = (
-        f"`python bench/checkpoint_io.py --config {args.config}` on {machine}; one process, "
+        f"`python bench/checkpoint_io.py --config {args.config}` on {machine}, {datetime.date.today()}; one process, "
         f"{n_params / 1e9:.2f}B parameters, model + AdamW state = {size_mb:,.0f} MB on disk "
         f"(model built in {build_s:.0f} s).\n\n{table}\n\n"
         "The stall is how long the training loop is blocked: the whole save when synchronous, only the staging "
