@@ -132,6 +132,11 @@ def run(cfg: Config) -> dict[str, Any]:
         path = checkpointer.save(step, model, optimizer, meta)
         logger.write(f"checkpoint: {path}" + (" (writing in the background)" if checkpointer.async_save else ""))
 
+    if start_step >= (tc.exit_at_step or tc.max_steps):
+        logger.write(
+            f"nothing to do: {resume_from} is at step {start_step}; raise train.max_steps to continue or "
+            "set train.resume=never to start over"
+        )
     shutdown = ShutdownRequest()
     model.train()
     record: dict[str, Any] = {}
