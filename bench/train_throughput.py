@@ -79,9 +79,7 @@ def run_preset(name: str, steps: int, warmup: int, device_name: str) -> dict:
         batch = data.global_batch(step * tc.global_batch_size, tc.global_batch_size).to(device)
         sync()
         t = time.perf_counter()
-        result = train_step(
-            model, optimizer, list(batch.split(tc.micro_batch_size)), cfg.moe.balance_coeff, cfg.optim.clip_grad, amp
-        )
+        result = train_step(model, optimizer, list(batch.split(tc.micro_batch_size)), cfg.optim.clip_grad, amp)
         sync()
         if step >= warmup:
             times.append(time.perf_counter() - t)

@@ -63,7 +63,32 @@ class ModelConfig:
 
 
 @dataclass
+class EtrConfig:
+    """Expert-Token Resonance (arXiv 2406.00023): fixed orthogonal GrAP expert vectors, cosine affinity, token choice
+    then expert choice with capacity. Formulas: ../shared/spec/routers.md."""
+
+    # Token choice: each token takes up to moe.top_k experts by affinity (the paper runs top_k 1). With a threshold,
+    # it stops at the smallest l whose cumulative affinity (sum of the l best cosines) reaches it.
+    threshold: float | None = None
+    # Expert choice keeps the top-C tokens of each expert by affinity, C = ceil(factor * tokens * top_k / E) over the
+    # tokens of the expert-parallel group. `fixed`: factor = moe.capacity_factor. `lower_bound`: every
+    # `recompute_every` steps factor = clamp(exp(d delta^2 / (2 - delta^2)), min_capacity_factor,
+    # moe.capacity_factor), delta = mean affinity of the token choices since the last update (the paper's bound
+    # C_min = (1/E) exp(...) as a share of the tokens; the paper gives no schedule, this one is ours).
+    capacity_schedule: Literal["fixed", "lower_bound"] = "fixed"
+    min_capacity_factor: float = 0.5
+    recompute_every: int = 100
+    # Locality loss weight mu: mu * KL(P || U_local), U_local uniform over the experts on this node (0 = off).
+    locality_coeff: float = 0.0
+
+
+@dataclass
 class RouterConfig:
+    # `moepp`: softmax over FFN + zero-computation experts with the gating residual and the gate conventions below.
+    # `topk`: Mixtral-style top-k softmax (no gating residual). `etr`: Expert-Token Resonance (see EtrConfig).
+    kind: Literal["moepp", "topk", "etr"] = "moepp"
+    # topk only: gates are the softmax over the k chosen logits (Mixtral) instead of the raw top-k probabilities.
+    mixtral_gating: bool = False
     # `paper`: gates are the raw top-k softmax probabilities. `release` (public MoE++-7B): top-k of the softmax over
     # all experts, zero-expert gates set to 0, then the k gates renormalised to sum to 1.
     gate_convention: Literal["paper", "release"] = "paper"
@@ -72,6 +97,27 @@ class RouterConfig:
     target_std: float = 1.0
     # Linear(d, 8N) -> tanh -> Linear(8N, N) instead of Linear(d, N) (release option `moe_2layer_gate`).
     two_layer: bool = False
+    etr: EtrConfig = field(default_factory=EtrConfig)
+
+
+BALANCE_KINDS = ("heterogeneous", "switch", "zloss", "seq", "aux_free_bias")
+# Default coefficient of each kind (aux_free_bias: the bias update rate u).
+BALANCE_DEFAULT_COEFF = {"heterogeneous": 0.01, "switch": 0.01, "zloss": 1e-3, "seq": 1e-4, "aux_free_bias": 1e-3}
+
+
+@dataclass
+class BalanceTerm:
+    """One entry of `moe.balance`. heterogeneous: sum_i eta_i f_i P_i (MoE++; eta = tau for zero-computation
+    experts). switch: E * sum_i f_i P_i. zloss: mean_t logsumexp(logits_t)^2. seq: DeepSeek-V3 sequence-wise
+    E/K * sum_i f_i P_i per sequence, averaged. aux_free_bias: not a loss; per-expert selection bias moved by
+    `coeff` after every optimizer step towards the balanced load. null coeff: the kind's default."""
+
+    kind: Literal["heterogeneous", "switch", "zloss", "seq", "aux_free_bias"] = "heterogeneous"
+    coeff: float | None = None
+
+    @property
+    def weight(self) -> float:
+        return BALANCE_DEFAULT_COEFF[self.kind] if self.coeff is None else self.coeff
 
 
 @dataclass
@@ -92,12 +138,17 @@ class MoEConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
     # Multiply the expert input by top_k after routing (release option `moe_feature_no_mul_topk: false`).
     scale_input_by_topk: bool = False
-    # Heterogeneous balance loss: L = L_ce + balance_coeff * sum_layers sum_i eta_i f_i P_i, eta = tau for
-    # zero-computation experts and 1 for FFN experts.
-    balance_coeff: float = 0.01
+    # Balance losses and the aux-free bias: L = L_ce + sum_terms coeff * sum_layers term.
+    balance: list[BalanceTerm] = field(default_factory=lambda: [BalanceTerm("heterogeneous", 0.01)])
+    # Where f_i (the selection counts) comes from: this micro-batch, or the global batch (counts all-reduced over
+    # data-parallel ranks and summed over the step's micro-batches so far, as Megatron's global aux loss does).
+    balance_scope: Literal["micro_batch", "global_batch"] = "micro_batch"
+    # MoE++ tau: eta_i of the heterogeneous loss, the heterogeneous capacity and the aux-free bias target.
     tau: float = 0.75
-    # Heterogeneous capacity (gamma). null: dropless.
+    # Capacity factor (gamma; for the etr router the expert-choice factor). null: dropless.
     capacity_factor: float | None = None
+    # Dense SwiGLU experts every token uses (DeepSeekMoE), width shared_experts * expert FFN width; 0 = none.
+    shared_experts: int = 0
 
     @property
     def num_zc_experts(self) -> int:
@@ -110,6 +161,10 @@ class MoEConfig:
     @property
     def enabled(self) -> bool:
         return self.num_experts > 0
+
+    def shared_ffn_hidden_size(self, ffn_hidden_size: int) -> int:
+        """Width of the shared-experts FFN (0 without shared experts)."""
+        return self.shared_experts * (self.expert_ffn_hidden_size or ffn_hidden_size)
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         return self.enabled and layer_idx % self.every_n_layers == 0
@@ -129,7 +184,48 @@ class MoEConfig:
         require(self.every_n_layers >= 1, "moe.every_n_layers", f"must be >= 1, got {self.every_n_layers}")
         if self.expert_ffn_hidden_size is not None:
             require(self.expert_ffn_hidden_size > 0, "moe.expert_ffn_hidden_size", "must be positive or null")
-        require(self.balance_coeff >= 0, "moe.balance_coeff", f"must be >= 0, got {self.balance_coeff}")
+        for i, term in enumerate(self.balance):
+            key = f"moe.balance[{i}]"
+            require(
+                term.kind in BALANCE_KINDS,
+                f"{key}.kind",
+                f"unknown {term.kind!r}; use one of {', '.join(BALANCE_KINDS)}",
+            )
+            require(term.weight >= 0, f"{key}.coeff", f"must be >= 0, got {term.coeff}")
+        kinds = [t.kind for t in self.balance]
+        dup = sorted({k for k in kinds if kinds.count(k) > 1})
+        require(not dup, "moe.balance", f"{', '.join(dup)} listed twice; keep one entry per kind")
+        require(self.shared_experts >= 0, "moe.shared_experts", f"must be >= 0, got {self.shared_experts}")
+        r = self.router
+        require(
+            r.kind in ("moepp", "topk", "etr"), "moe.router.kind", f"unknown value {r.kind!r}; use moepp, topk or etr"
+        )
+        if r.kind != "moepp":
+            require(
+                not self.gating_residual,
+                "moe.gating_residual",
+                f"the gating residual is part of the moepp router; set it false for router.kind {r.kind}",
+            )
+        require(
+            not r.mixtral_gating or r.kind == "topk",
+            "moe.router.mixtral_gating",
+            "only the topk router has Mixtral gating; set router.kind: topk or drop it",
+        )
+        if r.kind == "etr":
+            require(not r.two_layer, "moe.router.two_layer", "the etr router has no learned gate; set it false")
+            e = r.etr
+            if e.threshold is not None:
+                require(e.threshold > 0, "moe.router.etr.threshold", "must be positive, or null for l = top_k")
+            require(e.min_capacity_factor > 0, "moe.router.etr.min_capacity_factor", "must be positive")
+            require(e.recompute_every >= 1, "moe.router.etr.recompute_every", "must be >= 1")
+            require(e.locality_coeff >= 0, "moe.router.etr.locality_coeff", "must be >= 0")
+            if e.capacity_schedule == "lower_bound":
+                require(
+                    self.capacity_factor is not None and self.capacity_factor >= e.min_capacity_factor,
+                    "moe.capacity_factor",
+                    "the lower_bound schedule clamps to [router.etr.min_capacity_factor, capacity_factor]; set "
+                    "capacity_factor >= min_capacity_factor",
+                )
         require(0 < self.tau <= 10, "moe.tau", f"must be in (0, 10], got {self.tau}")
         if self.capacity_factor is not None:
             require(self.capacity_factor > 0, "moe.capacity_factor", "must be positive, or null for dropless")

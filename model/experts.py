@@ -87,3 +87,18 @@ class ConstantExperts(nn.Module):
         """Every constant expert's output for every token, [T, n, D]: for tests and references only."""
         a = self.mix(x_TD).to(x_TD.dtype)
         return a[..., 0:1] * x_TD[:, None, :] + a[..., 1:2] * self.v[None]
+
+
+class DenseFFN(nn.Module):
+    """SwiGLU: w_down(silu(w_gate x) * w_up x). Separate gate/up matrices so tensor parallelism can shard each.
+    The dense layers' FFN and the MoE layer's shared experts (DeepSeekMoE: K_s experts every token uses, fused
+    into one FFN K_s times as wide)."""
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int) -> None:
+        super().__init__()
+        self.w_gate = nn.Linear(hidden_size, ffn_hidden_size, bias=False)
+        self.w_up = nn.Linear(hidden_size, ffn_hidden_size, bias=False)
+        self.w_down = nn.Linear(ffn_hidden_size, hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))

@@ -6,14 +6,14 @@ With zero zero-computation experts and no gating residual this is a plain top-k 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from model.config import MoEConfig
 from model.dispatch import LocalDispatcher
-from model.experts import ConstantExperts, FFNExperts
+from model.experts import ConstantExperts, DenseFFN, FFNExperts
 from model.router import Router
 
 
@@ -26,6 +26,8 @@ class RoutingStats:
     num_tokens: int
     bytes_sent: int = 0  # all-to-all bytes this rank sent for dispatch + combine
     bytes_received: int = 0
+    # Each balance term of this layer, unweighted and detached (summed when micro-batches are merged).
+    aux_terms: dict[str, Tensor] = field(default_factory=dict)
 
 
 class MoELayer(nn.Module):
@@ -39,12 +41,18 @@ class MoELayer(nn.Module):
         self.router = Router(hidden_size, cfg, has_residual)
         self.experts = FFNExperts(cfg.num_experts, hidden_size, cfg.expert_ffn_hidden_size or ffn_hidden_size)
         self.constant = ConstantExperts(cfg.num_constant_experts, hidden_size) if cfg.num_constant_experts else None
+        # Shared experts see every token unweighted; tensor parallelism shards them like a dense FFN.
+        shared_width = cfg.shared_ffn_hidden_size(ffn_hidden_size)
+        self.shared = DenseFFN(hidden_size, shared_width) if shared_width else None
         # Not a submodule and not state: parallel/expert_parallel.py swaps it for the all-to-all dispatcher.
         self.dispatcher = LocalDispatcher()
 
-    def forward(self, x_TD: Tensor, prev_logits_TE: Tensor | None) -> tuple[Tensor, Tensor, Tensor, RoutingStats]:
-        """Returns (output [T, D], router logits for the next MoE layer [T, E], balance loss L_b, stats)."""
-        route = self.router(x_TD, prev_logits_TE)
+    def forward(
+        self, x_TD: Tensor, prev_logits_TE: Tensor | None, num_sequences: int = 1
+    ) -> tuple[Tensor, Tensor, Tensor, RoutingStats]:
+        """x_TD: num_sequences sequences of equal length, flattened. Returns (output [T, D], router logits for the
+        next MoE layer [T, E], weighted balance loss, stats)."""
+        route = self.router(x_TD, prev_logits_TE, num_sequences)
         T, K = route.expert_idx_TK.shape
         # Never in place: x_TD needs its gradient.
         x_in = x_TD * K if self.cfg.scale_input_by_topk else x_TD
@@ -75,8 +83,12 @@ class MoELayer(nn.Module):
             num_tokens=T,
             bytes_sent=2 * dispatched.bytes_sent,
             bytes_received=2 * dispatched.bytes_received,
+            aux_terms={k: v.detach() for k, v in route.aux_terms.items()},
         )
-        return out.to(x_TD.dtype), route.logits_TE, route.balance_loss, stats
+        out = out.to(x_TD.dtype)
+        if self.shared is not None:
+            out = out + self.shared(x_TD)
+        return out, route.logits_TE, route.aux_loss, stats
 
     def zero_computation_output(self, x_TD: Tensor, expert_idx_TK: Tensor, gates_TK: Tensor) -> Tensor:
         """Weighted sum of the copy and constant experts' outputs per token, fp32 [T, D]. Zero experts add nothing.

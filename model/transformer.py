@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.config import ModelConfig, MoEConfig
+from model.experts import DenseFFN
 from model.moe import MoELayer, RoutingStats
 
 
@@ -68,19 +69,6 @@ class Attention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(B, S, -1))
 
 
-class DenseFFN(nn.Module):
-    """SwiGLU: w_down(silu(w_gate x) * w_up x). Separate gate/up matrices so tensor parallelism can shard each."""
-
-    def __init__(self, hidden_size: int, ffn_hidden_size: int) -> None:
-        super().__init__()
-        self.w_gate = nn.Linear(hidden_size, ffn_hidden_size, bias=False)
-        self.w_up = nn.Linear(hidden_size, ffn_hidden_size, bias=False)
-        self.w_down = nn.Linear(ffn_hidden_size, hidden_size, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
-
-
 class Block(nn.Module):
     """h = x + Attn(RMSNorm(x)); out = h + FFN(RMSNorm(h)), where FFN is an MoE(++) layer or a dense SwiGLU."""
 
@@ -107,14 +95,14 @@ class Block(nn.Module):
         if not self.is_moe:
             return h + self.ffn(normed), router_logits_TE, None
         B, S, D = normed.shape
-        out_TD, logits_TE, balance_loss, stats = self.ffn(normed.reshape(B * S, D), router_logits_TE)
-        return h + out_TD.view(B, S, D), logits_TE, MoEAux(self.layer_idx, balance_loss, stats)
+        out_TD, logits_TE, aux_loss, stats = self.ffn(normed.reshape(B * S, D), router_logits_TE, num_sequences=B)
+        return h + out_TD.view(B, S, D), logits_TE, MoEAux(self.layer_idx, aux_loss, stats)
 
 
 @dataclass
 class MoEAux:
     layer_idx: int
-    balance_loss: Tensor
+    aux_loss: Tensor  # this layer's sum over moe.balance of coeff * term
     stats: RoutingStats
 
 
@@ -125,11 +113,20 @@ class ModelOutput:
     # Pre-normalisation router logits of the last MoE layer (fp32): the gating residual a following pipeline
     # stage would consume. None for a model without MoE layers.
     router_logits_TE: Tensor | None
-    # Sum over MoE layers of the heterogeneous balance loss L_b (not yet multiplied by moe.balance_coeff).
-    balance_loss: Tensor
+    # Sum over MoE layers of the balance terms, each already multiplied by its moe.balance coefficient: add it to
+    # the cross-entropy as it is.
+    aux_loss: Tensor
     moe_layers: list[MoEAux] = field(default_factory=list)
     # The residual stream after the last block (what a pipeline stage hands to the next one).
     hidden_BSD: Tensor | None = None
+
+
+def sum_terms(terms: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    total: dict[str, Tensor] = {}
+    for t in terms:
+        for k, v in t.items():
+            total[k] = total[k] + v if k in total else v
+    return total
 
 
 class Decoder(nn.Module):
@@ -186,8 +183,12 @@ class Decoder(nn.Module):
                 aux.append(layer_aux)
         logits = self.output(self.norm(h)) if self.output is not None else None
         zero = torch.zeros((), dtype=torch.float32, device=h.device)
-        balance = torch.stack([a.balance_loss for a in aux]).sum() if aux else zero
-        return ModelOutput(logits, router_logits, balance, aux, h)
+        aux_loss = torch.stack([a.aux_loss for a in aux]).sum() if aux else zero
+        return ModelOutput(logits, router_logits, aux_loss, aux, h)
+
+    def aux_terms(self, output: ModelOutput) -> dict[str, Tensor]:
+        """Each balance term (unweighted, detached) summed over the MoE layers of one forward."""
+        return sum_terms([a.stats.aux_terms for a in output.moe_layers])
 
     def num_params(self, active_only: bool = False) -> int:
         """Parameter count; with active_only, FFN experts count as top_k / N_ffn of their size (an upper bound

@@ -20,6 +20,10 @@ def parallelize(model: Decoder, ctx: ParallelContext) -> Decoder:
         apply_tensor_parallel(model, ctx.tp_mesh, sequence_parallel=ctx.dims.sp)
     if ctx.dims.ep > 1:
         apply_expert_parallel(model, ctx.group("ep"))
+    if ctx.distributed:
+        from parallel.routing import install_router_hooks
+
+        install_router_hooks(model, ctx)
     return model
 
 

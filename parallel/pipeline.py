@@ -71,7 +71,7 @@ def residual_crosses(moe: MoEConfig, first_layer: int) -> bool:
 class _InFlight:
     inputs: list[Tensor]  # received tensors (requires_grad) whose gradients go back upstream
     outputs: list[Tensor]  # tensors sent downstream, or [loss] on the last stage
-    balance_term: Tensor | None  # coeff/n * this stage's L_b, backpropagated with the outputs (not on the last stage)
+    aux_term: Tensor | None  # this stage's aux loss / n, backpropagated with the outputs (not on the last stage)
     out: ModelOutput
     ce: Tensor | None = None  # detached mean CE (last stage)
 
@@ -79,7 +79,7 @@ class _InFlight:
 @dataclass
 class StageResult:
     ce_sum: Tensor  # sum over micro-batches of the mean CE (last stage; zero elsewhere)
-    balance_sum: Tensor  # sum over micro-batches of this stage's L_b
+    aux_sum: Tensor  # sum over micro-batches of this stage's aux loss (weighted balance terms)
     routing: list[list[RoutingStats]] = field(default_factory=list)  # per micro-batch, this stage's MoE layers
 
 
@@ -136,7 +136,6 @@ class PipelineSchedule:
         tokens: Tensor,
         received: list[Tensor] | None,
         n_micro: int,
-        balance_coeff: float,
         amp: contextlib.AbstractContextManager,
     ) -> _InFlight:
         from train.step import lm_loss  # the loss lives with training; imported here to keep parallel/ light
@@ -151,12 +150,12 @@ class PipelineSchedule:
                 out = self.model(hidden_BSD=inputs[0], router_logits_TE=inputs[1] if self.residual_in else None)
         if self.is_last:
             ce = lm_loss(out, tokens[:, 1:])
-            loss = (ce + balance_coeff * out.balance_loss) / n_micro
+            loss = (ce + out.aux_loss) / n_micro
             return _InFlight(inputs, [loss], None, out, ce.detach())
         outputs = [out.hidden_BSD]
         if self.residual_out:
             outputs.append(out.router_logits_TE)
-        return _InFlight(inputs, outputs, (balance_coeff / n_micro) * out.balance_loss, out)
+        return _InFlight(inputs, outputs, out.aux_loss / n_micro, out)
 
     def _backward(self, job: _InFlight, grads: list[Tensor] | None) -> list[Tensor] | None:
         from train.step import loss_context
@@ -167,9 +166,9 @@ class PipelineSchedule:
         else:
             assert grads is not None
             tensors, grad_tensors = list(job.outputs), list(grads)
-            if job.balance_term is not None and job.balance_term.requires_grad:  # this stage's own loss term
-                tensors.append(job.balance_term)
-                grad_tensors.append(torch.ones_like(job.balance_term))
+            if job.aux_term is not None and job.aux_term.requires_grad:  # this stage's own loss term
+                tensors.append(job.aux_term)
+                grad_tensors.append(torch.ones_like(job.aux_term))
             torch.autograd.backward(tensors, grad_tensors)
         if self.is_first:
             return None
@@ -177,24 +176,22 @@ class PipelineSchedule:
 
     # -- schedules ------------------------------------------------------------------------------------------------
 
-    def forward_backward(
-        self, micro_batches: list[Tensor], balance_coeff: float, amp: contextlib.AbstractContextManager
-    ) -> StageResult:
+    def forward_backward(self, micro_batches: list[Tensor], amp: contextlib.AbstractContextManager) -> StageResult:
         n = len(micro_batches)
         device = micro_batches[0].device
         recv_fwd_shapes = None if self.is_first else self._shapes(micro_batches[0], self.residual_in)
         recv_bwd_shapes = None if self.is_last else self._shapes(micro_batches[0], self.residual_out)
         ce_sum = torch.zeros((), device=device)
-        balance_sum = torch.zeros((), device=device)
+        aux_sum = torch.zeros((), device=device)
         routing: list[list[RoutingStats]] = []
         in_flight: list[_InFlight] = []
 
         def forward(i: int, received: list[Tensor] | None) -> _InFlight:
-            nonlocal ce_sum, balance_sum
-            job = self._forward(micro_batches[i], received, n, balance_coeff, amp)
+            nonlocal ce_sum, aux_sum
+            job = self._forward(micro_batches[i], received, n, amp)
             if job.ce is not None:
                 ce_sum = ce_sum + job.ce
-            balance_sum = balance_sum + job.out.balance_loss.detach()
+            aux_sum = aux_sum + job.out.aux_loss.detach()
             routing.append([a.stats for a in job.out.moe_layers])
             in_flight.append(job)
             return job
@@ -217,7 +214,7 @@ class PipelineSchedule:
             grads = self._p2p(None, None, recv_bwd_shapes, self.next, device)
             input_grads = self._backward(in_flight.pop(0), grads)
             self._p2p(input_grads, self.prev, None, None, device)
-        return StageResult(ce_sum, balance_sum, routing)
+        return StageResult(ce_sum, aux_sum, routing)
 
     @torch.no_grad()
     def forward_only(self, tokens: Tensor, amp: contextlib.AbstractContextManager) -> ModelOutput:

@@ -3,7 +3,7 @@
 Column-parallel q/k/v and FFN gate/up, row-parallel attention output and FFN down, a vocabulary-parallel embedding
 and a vocabulary-parallel LM head whose logits stay sharded for `loss_parallel` cross-entropy. The MoE router and
 the zero-computation experts stay replicated (plain tensors); FFN experts are not tensor-parallel (expert
-parallelism shards them instead).
+parallelism shards them instead); shared experts are tensor-parallel like a dense FFN.
 
 Without sequence parallelism every tp rank of a data-parallel replica routes all of its tokens (the MoE layer is
 replicated over tp). With sequence parallelism the residual stream, the norms and the MoE layers work on this rank's
@@ -27,8 +27,9 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from model.experts import DenseFFN
 from model.moe import MoELayer
-from model.transformer import Decoder, DenseFFN
+from model.transformer import Decoder
 
 
 def apply_tensor_parallel(model: Decoder, tp_mesh: DeviceMesh, sequence_parallel: bool = False) -> None:
@@ -59,6 +60,18 @@ def apply_tensor_parallel(model: Decoder, tp_mesh: DeviceMesh, sequence_parallel
                     "ffn.w_down": RowwiseParallel(output_layouts=seq),
                 }
             )
+        if not dense and block.ffn.shared is not None:
+            # Shared experts are a dense FFN inside the MoE layer, which holds its tokens as a flat [T, D] plain
+            # tensor (under sequence parallelism, only this rank's tokens: gathered over dim 0 and scattered back).
+            plan.update(
+                {
+                    "ffn.shared.w_gate": ColwiseParallel(),
+                    "ffn.shared.w_up": ColwiseParallel(),
+                    "ffn.shared.w_down": RowwiseParallel(output_layouts=Shard(0) if sequence_parallel else Replicate()),
+                }
+            )
+            if sequence_parallel:
+                plan["ffn.shared"] = PrepareModuleInput(input_layouts=(Shard(0),), desired_input_layouts=(Replicate(),))
         if sequence_parallel:
             plan["attention_norm"] = SequenceParallel()
             plan["attention"] = PrepareModuleInput(

@@ -40,7 +40,7 @@ def record(step: int, n_layers: int = 2, n_experts: int = 6) -> dict:
     r = {
         "step": step,
         "loss": 5.0 / step,
-        "balance_loss": 0.8,
+        "aux_loss": 0.008,
         "lr": 1e-3,
         "grad_norm": None,  # a non-finite norm is logged as null
         "tokens_per_s": 1000.0 + step,

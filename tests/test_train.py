@@ -43,7 +43,7 @@ def test_cli_trains_tiny_moepp_and_lowers_the_loss(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(5, 41, 5))
-    for key in ("loss", "lr", "tokens_per_s", "ffn_per_token", "balance_loss", "routing"):
+    for key in ("loss", "lr", "tokens_per_s", "ffn_per_token", "aux_loss", "balance_heterogeneous", "routing"):
         assert key in records[-1]
     assert records[-1]["loss"] < 0.5 * records[0]["loss"]
     # The synthetic corpus' floor is ~0.67 nats; 40 steps get within reach of it.
@@ -83,7 +83,7 @@ def test_training_in_process_matches_a_manual_loop(tmp_path):
     for step in range(3):
         set_lr(opt, lr_at(step, cfg.optim, 3))
         batch = data.global_batch(step * 16, 16)
-        result = train_step(model, opt, list(batch.split(8)), cfg.moe.balance_coeff, cfg.optim.clip_grad)
+        result = train_step(model, opt, list(batch.split(8)), cfg.optim.clip_grad)
     assert record["loss"] == pytest.approx(result.loss.item(), rel=1e-6)
 
 

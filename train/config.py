@@ -310,6 +310,7 @@ class Config:
             ("model.num_kv_heads", self.model.kv_heads),
             ("model.vocab_size", self.model.vocab_size),
             ("model.ffn_hidden_size", self.model.ffn_hidden_size),
+            ("moe.shared_experts", self.moe.shared_ffn_hidden_size(self.model.ffn_hidden_size)),
         ):
             require(value % tp == 0, key, f"{value} is not divisible by parallel.tp={tp}")
         self.data.validate_vocab(self.model.vocab_size)
@@ -394,6 +395,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported field type {tp}")  # a bug in the dataclass, not in the YAML
 
 
+# Keys that earlier versions accepted, with what replaces them.
+RENAMED_KEYS = {
+    "moe.balance_coeff": "moe.balance: [{kind: heterogeneous, coeff: VALUE}]",
+}
+
+
 def build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types with the dotted key."""
     hints = typing.get_type_hints(cls)
@@ -402,6 +409,8 @@ def build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     for key, value in data.items():
         if key not in names and f"{key}_" in names:  # Python keywords (`async`) are fields with a trailing _
             key = f"{key}_"
+        if prefix + key in RENAMED_KEYS:
+            raise ConfigError(f"{prefix}{key}: no longer a key; write {RENAMED_KEYS[prefix + key]} instead")
         if key not in names:
             raise ConfigError(f"{prefix}{key}: unknown key; known keys here: {', '.join(names)}")
         kwargs[key] = _coerce(value, hints[key], prefix + key)

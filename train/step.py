@@ -1,7 +1,8 @@
 """One optimizer step: forward/backward over the micro-batches, gradient clipping, AdamW update.
 
-Loss = mean token cross-entropy + moe.balance_coeff * (sum over MoE layers of L_b). Nothing here syncs with the
-host: losses and routing counters stay device tensors until the logger reads them.
+Loss = mean token cross-entropy + the model's aux loss (every moe.balance term times its coefficient, summed over
+MoE layers). Nothing here syncs with the host: losses and routing counters stay device tensors until the logger
+reads them. After the optimizer step every router gets its between-step update (aux-free bias, ETR capacity).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from model.moe import RoutingStats
-from model.transformer import ModelOutput
+from model.router import Router
+from model.transformer import ModelOutput, sum_terms
 from parallel.grads import GradSync
 from parallel.pipeline import PipelineSchedule
 
@@ -24,7 +26,7 @@ from parallel.pipeline import PipelineSchedule
 @dataclass
 class StepResult:
     loss: Tensor  # mean cross-entropy over the step's tokens (detached)
-    balance_loss: Tensor  # mean over micro-batches of sum_layers L_b (detached)
+    aux_loss: Tensor  # mean over micro-batches of the weighted balance terms summed over layers (detached)
     grad_norm: Tensor
     routing: list[RoutingStats]  # one per MoE layer, counters summed over micro-batches
     skipped: bool = False  # non-finite loss or gradient: the optimizer did not step
@@ -62,6 +64,7 @@ def merge_routing(total: list[RoutingStats] | None, new: list[RoutingStats]) -> 
             a.num_tokens + b.num_tokens,
             a.bytes_sent + b.bytes_sent,
             a.bytes_received + b.bytes_received,
+            sum_terms([a.aux_terms, b.aux_terms]),
         )
         for a, b in zip(total, new, strict=True)
     ]
@@ -71,7 +74,6 @@ def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     micro_batches: list[Tensor],
-    balance_coeff: float,
     clip_grad: float,
     amp: contextlib.AbstractContextManager | None = None,
     grad_sync: GradSync | None = None,
@@ -82,12 +84,12 @@ def train_step(
     amp = amp or contextlib.nullcontext()
     n = len(micro_batches)
     if pipeline is not None:
-        stage = pipeline.forward_backward(micro_batches, balance_coeff, amp)
-        ce_sum, bal_sum, routing = stage.ce_sum, stage.balance_sum, None
+        stage = pipeline.forward_backward(micro_batches, amp)
+        ce_sum, aux_sum, routing = stage.ce_sum, stage.aux_sum, None
         for stats in stage.routing:
             routing = merge_routing(routing, stats)
     else:
-        ce_sum, bal_sum, routing = local_forward_backward(model, micro_batches, balance_coeff, amp)
+        ce_sum, aux_sum, routing = local_forward_backward(model, micro_batches, amp)
     if grad_sync is not None:
         grad_sync.reduce()
         grad_norm = grad_sync.clip_(clip_grad)
@@ -100,16 +102,24 @@ def train_step(
     if finite:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(ce_sum / n, bal_sum / n, grad_norm.detach(), routing or [], skipped=not finite)
+    after_optimizer_step(model, stepped=finite)
+    return StepResult(ce_sum / n, aux_sum / n, grad_norm.detach(), routing or [], skipped=not finite)
+
+
+def after_optimizer_step(model: nn.Module, stepped: bool) -> None:
+    """Between-step router updates (aux-free bias, ETR capacity schedule) and clearing the step accumulators."""
+    for module in model.modules():
+        if isinstance(module, Router):
+            module.after_step(stepped)
 
 
 def local_forward_backward(
-    model: nn.Module, micro_batches: list[Tensor], balance_coeff: float, amp: contextlib.AbstractContextManager
+    model: nn.Module, micro_batches: list[Tensor], amp: contextlib.AbstractContextManager
 ) -> tuple[Tensor, Tensor, list[RoutingStats] | None]:
     """Gradient accumulation over micro-batches on one pipeline stage holding the whole model."""
     n = len(micro_batches)
     ce_sum = torch.zeros((), device=micro_batches[0].device)
-    bal_sum = torch.zeros((), device=micro_batches[0].device)
+    aux_sum = torch.zeros((), device=micro_batches[0].device)
     routing: list[RoutingStats] | None = None
     for tokens in micro_batches:
         with amp:
@@ -117,8 +127,8 @@ def local_forward_backward(
         ce = lm_loss(out, tokens[:, 1:])
         # Every micro-batch has the same token count, so dividing by n makes the gradient that of the step mean.
         with loss_context(out):
-            ((ce + balance_coeff * out.balance_loss) / n).backward()
+            ((ce + out.aux_loss) / n).backward()
         ce_sum += ce.detach()
-        bal_sum += out.balance_loss.detach()
+        aux_sum += out.aux_loss.detach()
         routing = merge_routing(routing, [a.stats for a in out.moe_layers])
-    return ce_sum, bal_sum, routing
+    return ce_sum, aux_sum, routing

@@ -152,9 +152,7 @@ def run(cfg: Config) -> dict[str, Any]:
             batch = data.global_batch(consumed, tc.global_batch_size, ctx.dp_rank, d.dp).to(device)
             consumed += tc.global_batch_size
             micro = list(batch.split(tc.micro_batch_size))
-            result = train_step(
-                model, optimizer, micro, cfg.moe.balance_coeff, cfg.optim.clip_grad, amp, grad_sync, pipeline
-            )
+            result = train_step(model, optimizer, micro, cfg.optim.clip_grad, amp, grad_sync, pipeline)
             interval_steps += 1
             logger.advance()
             if result.skipped:
@@ -235,13 +233,19 @@ def log_step(
     skipped_total: int,
     tokens_per_s: float,
 ) -> dict[str, Any]:
-    values = torch.stack([result.loss, result.balance_loss]).float()
+    # Each balance term unweighted, summed over MoE layers, mean over micro-batches (and, below, over dp ranks).
+    names = balance_term_names(cfg)
+    n_micro = micro_batches_per_step(cfg, ctx.dims.dp)
+    zero = result.loss.new_zeros(())
+    terms = [sum((s.aux_terms.get(k, zero) for s in result.routing), zero) / n_micro for k in names]
+    values = torch.stack([result.loss, result.aux_loss, *terms]).float()
     routing = reduce_for_logging(ctx, values, result.routing)
-    loss, balance = values.tolist()  # host-device sync, once per logging interval
+    loss, aux, *term_values = values.tolist()  # host-device sync, once per logging interval
     record: dict[str, Any] = {
         "step": step,
         "loss": loss if math.isfinite(loss) else None,
-        "balance_loss": balance if math.isfinite(balance) else None,
+        "aux_loss": aux if math.isfinite(aux) else None,
+        **{f"balance_{k}": _finite_or_none(v) for k, v in zip(names, term_values, strict=True)},
         "lr": lr,
         "grad_norm": _finite_or_none(result.grad_norm.item()),
         "tokens_per_s": tokens_per_s,
@@ -263,6 +267,14 @@ def log_step(
     record["eta_s"] = logger.eta(step)
     record["routing"] = summary["layers"]
     return record
+
+
+def balance_term_names(cfg: Config) -> list[str]:
+    """The loss terms the routers compute, in a fixed order (every rank and pipeline stage agrees)."""
+    names = [t.kind for t in cfg.moe.balance if t.kind != "aux_free_bias"] if cfg.moe.enabled else []
+    if cfg.moe.enabled and cfg.moe.router.kind == "etr" and cfg.moe.router.etr.locality_coeff > 0:
+        names.append("locality")
+    return names
 
 
 def _finite_or_none(x: float) -> float | None:

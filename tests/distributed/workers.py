@@ -69,7 +69,7 @@ def equivalence(rank: int, world: int, tp: int, ep: int, capacity: float | None,
     ref_losses = []
     for shard in shards[0]:
         out = ref(shard[:, :-1])
-        loss = lm_loss(out, shard[:, 1:]) + moecfg.balance_coeff * out.balance_loss
+        loss = lm_loss(out, shard[:, 1:]) + out.aux_loss
         (loss / dp).backward()
         ref_losses.append((out.logits_BSV.detach(), loss.detach()))
     out = par(shards[0][mine][:, :-1])
@@ -77,7 +77,7 @@ def equivalence(rank: int, world: int, tp: int, ep: int, capacity: float | None,
         dropped = torch.stack([a.stats.dropped for a in out.moe_layers]).sum()
         dist.all_reduce(dropped)
         assert dropped > 0
-    loss = lm_loss(out, shards[0][mine][:, 1:]) + moecfg.balance_coeff * out.balance_loss
+    loss = lm_loss(out, shards[0][mine][:, 1:]) + out.aux_loss
     with loss_context(out):
         loss.backward()
     logits = out.logits_BSV
@@ -101,8 +101,8 @@ def equivalence(rank: int, world: int, tp: int, ep: int, capacity: float | None,
     optim_cfg = OptimConfig(lr=1e-2, weight_decay=0.1, eps=ADAM_EPS)
     opt_ref, opt_par = build_optimizer(ref, optim_cfg), build_optimizer(par, optim_cfg)
     for step in range(1, steps + 1):
-        r = train_step(ref, opt_ref, shards[step], moecfg.balance_coeff, clip_grad=0.05)
-        p = train_step(par, opt_par, [shards[step][mine]], moecfg.balance_coeff, clip_grad=0.05, grad_sync=sync)
+        r = train_step(ref, opt_ref, shards[step], clip_grad=0.05)
+        p = train_step(par, opt_par, [shards[step][mine]], clip_grad=0.05, grad_sync=sync)
         _close(f"step {step} grad norm", p.grad_norm, r.grad_norm)
     params = full_tensors(par, ctx)
     for name, want in ref.named_parameters():
@@ -251,9 +251,9 @@ def pipeline_equivalence(
     from train.step import local_forward_backward
 
     no_amp = contextlib.nullcontext()
-    ce_ref, bal_ref, _ = local_forward_backward(ref, list(steps[0].split(1)), moecfg.balance_coeff, no_amp)
-    stage = sched.forward_backward(mine(steps[0]), moecfg.balance_coeff, no_amp)
-    values = torch.stack([stage.ce_sum, stage.balance_sum]) / n_micro
+    ce_ref, bal_ref, _ = local_forward_backward(ref, list(steps[0].split(1)), no_amp)
+    stage = sched.forward_backward(mine(steps[0]), no_amp)
+    values = torch.stack([stage.ce_sum, stage.aux_sum]) / n_micro
     dist.all_reduce(values, group=ctx.group("pp"))  # CE lives on the last stage, L_b on every stage
     if dp > 1:
         dist.all_reduce(values, group=ctx.group("dp"))
@@ -275,10 +275,8 @@ def pipeline_equivalence(
     optim_cfg = OptimConfig(lr=1e-2, weight_decay=0.1, eps=ADAM_EPS)
     opt_ref, opt_par = build_optimizer(ref, optim_cfg), build_optimizer(par, optim_cfg)
     for step in range(1, 4):
-        r = train_step(ref, opt_ref, list(steps[step].split(1)), moecfg.balance_coeff, clip_grad=0.05)
-        p = train_step(
-            par, opt_par, mine(steps[step]), moecfg.balance_coeff, clip_grad=0.05, grad_sync=sync, pipeline=sched
-        )
+        r = train_step(ref, opt_ref, list(steps[step].split(1)), clip_grad=0.05)
+        p = train_step(par, opt_par, mine(steps[step]), clip_grad=0.05, grad_sync=sync, pipeline=sched)
         _close(f"step {step} grad norm", p.grad_norm, r.grad_norm)
     params = full_tensors(par, ctx)
     ref_params = dict(ref.named_parameters())

@@ -169,7 +169,7 @@ def our_config(cfg: dict[str, Any]) -> tuple[str, ModelConfig, MoEConfig, list[s
             if all(have.get(k) == v for k, v in want.items()):
                 return layout, s_model, s_moe, notes
             notes.append(f"{STASH_KEY} does not match the Hugging Face fields; config rebuilt from those fields")
-    notes.append("training-only fields (moe.balance_coeff, tau, capacity_factor) take our defaults")
+    notes.append("training-only fields (moe.balance, tau, capacity_factor) take our defaults")
     return layout, model, moe, notes
 
 
