@@ -48,6 +48,30 @@ def test_resume_is_bit_exact(tmp_path, async_save):
     assert read_meta(latest_checkpoint(split / "checkpoints"))["consumed_samples"] == 8 * 16
 
 
+ROUTER_STATE = [
+    "moe.router.kind=etr",
+    "moe.gating_residual=false",
+    "moe.capacity_factor=1.5",
+    "moe.router.etr.capacity_schedule=lower_bound",
+    "moe.router.etr.recompute_every=3",
+    "moe.balance=[{kind: switch}, {kind: aux_free_bias, coeff: 0.01}]",
+]
+
+
+def test_resume_restores_the_router_state_no_gradient_moves(tmp_path):
+    """The aux-free bias and the ETR capacity schedule are buffers changed between steps: a resume that lost them
+    would route differently after the restart."""
+    run(_cfg(tmp_path / "straight", "train.resume=never", *ROUTER_STATE))
+    split = tmp_path / "split"
+    run(_cfg(split, "train.exit_at_step=4", *ROUTER_STATE))
+    from train.checkpoint import SafeFileSystemReader
+
+    keys = SafeFileSystemReader(split / "checkpoints" / "step_00000004").read_metadata().state_dict_metadata
+    assert any(k.endswith("router.expert_bias_E") for k in keys) and any(k.endswith("router.etr_state") for k in keys)
+    run(_cfg(split, *ROUTER_STATE))
+    assert _losses(split) == _losses(tmp_path / "straight")
+
+
 def test_exit_at_step_keeps_the_schedule_of_max_steps(tmp_path):
     run(_cfg(tmp_path, "train.exit_at_step=3", "optim.warmup_steps=2"))
     lrs = [json.loads(line)["lr"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -102,8 +102,8 @@ def _wrap(t: Tensor, is_expert: bool, ctx: ParallelContext) -> Tensor:
 
 
 def training_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, ctx: ParallelContext) -> dict[str, Any]:
-    """{"model": {name: tensor}, "optim": {name: {"exp_avg", "exp_avg_sq", "step"}}}, views of the live tensors, so
-    dcp.load fills the model and optimizer in place."""
+    """{"model": {name: tensor}, "optim": {name: {"exp_avg", "exp_avg_sq", "step"}}}, views of the live tensors
+    (parameters and persistent buffers), so dcp.load fills the model and optimizer in place."""
     expert_ids = {id(p) for m in model.modules() if isinstance(m, FFNExperts) for p in m.parameters()}
     model_sd, optim_sd = {}, {}
     for name, p in model.named_parameters():
@@ -112,6 +112,12 @@ def training_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, ct
         state = optimizer.state.get(p) if optimizer is not None else None
         if state:
             optim_sd[name] = {k: (_wrap(v, is_expert, ctx) if v.shape == p.shape else v) for k, v in state.items()}
+    # Persistent buffers are training state that no gradient moves (the aux-free routing bias, the ETR capacity
+    # schedule); replicated on every rank.
+    params = dict(model.named_parameters())
+    for name, value in model.state_dict(keep_vars=True).items():
+        if name not in params:
+            model_sd[name] = _wrap(value, False, ctx)
     return {"model": model_sd, "optim": optim_sd} if optimizer is not None else {"model": model_sd}
 
 

@@ -38,3 +38,17 @@ def test_all_to_all_volume_is_ffn_share_of_vanilla():
 
 def test_rank_and_experts_receiving_no_tokens():
     run_world(workers.empty_rank, 2)
+
+
+ROUTER_FAMILY = {
+    "etr-ep2": (2, 1, 2, False, "etr"),
+    "etr-edp2xep2": (4, 1, 2, False, "etr"),
+    "moepp-global-shared-tp2xep2": (4, 2, 2, False, "moepp-global"),
+    "moepp-global-shared-tp2-sp": (2, 2, 1, True, "moepp-global"),
+}
+
+
+@pytest.mark.parametrize("case", ROUTER_FAMILY)
+def test_router_family_matches_single_process_on_the_concatenated_batch(case):
+    world, tp, ep, sp, variant = ROUTER_FAMILY[case]
+    run_world(workers.router_family, world, tp, ep, sp, variant)

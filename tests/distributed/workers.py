@@ -187,7 +187,7 @@ def save_layout(rank: int, world: int, tp: int, ep: int, ckpt_dir: str) -> None:
     model = parallelize(Decoder(mcfg, moecfg), ctx)
     opt = build_optimizer(model, OptimConfig(lr=1e-2))
     batch = torch.randint(0, 64, (2 * ctx.dims.dp, 13), generator=torch.Generator().manual_seed(3))
-    train_step(model, opt, [batch.chunk(ctx.dims.dp)[ctx.dp_rank]], 0.01, 1.0, grad_sync=GradSync(model, ctx))
+    train_step(model, opt, [batch.chunk(ctx.dims.dp)[ctx.dp_rank]], 1.0, grad_sync=GradSync(model, ctx))
     meta = {"consumed_samples": 0, "config": {"model": dataclasses.asdict(mcfg), "moe": dataclasses.asdict(moecfg)}}
     Checkpointer(Path(ckpt_dir), ctx, keep_last=1).save(1, model, opt, meta)
     logits = _full_logits(model, _fixed_tokens())
@@ -282,3 +282,87 @@ def pipeline_equivalence(
     ref_params = dict(ref.named_parameters())
     for name, got in params.items():
         _close(f"param {name} after 3 steps", got, ref_params[name].detach(), PARAM_RTOL, PARAM_ATOL)
+
+
+def router_family_configs(variant: str) -> tuple[ModelConfig, MoEConfig]:
+    """etr: Expert-Token Resonance with expert-choice capacity, Switch + z-loss over the global batch and the
+    aux-free bias. moepp-global: MoE++ with shared experts, the heterogeneous loss over the global batch,
+    z-loss, the sequence-wise loss and the aux-free bias."""
+    from model.config import BalanceTerm, RouterConfig
+
+    model, moe = tiny_model_configs()
+    moe.balance_scope = "global_batch"
+    if variant == "etr":
+        moe.router = RouterConfig(kind="etr")
+        moe.gating_residual = False
+        moe.capacity_factor = 0.7
+        moe.balance = [BalanceTerm("switch", 0.01), BalanceTerm("zloss", 1e-3), BalanceTerm("aux_free_bias", 0.01)]
+    else:
+        moe.shared_experts = 1
+        moe.balance = [
+            BalanceTerm("heterogeneous", 0.01),
+            BalanceTerm("zloss", 1e-3),
+            BalanceTerm("seq", 1e-2),
+            BalanceTerm("aux_free_bias", 0.01),
+        ]
+    return model, moe
+
+
+def router_family(rank: int, world: int, tp: int, ep: int, sp: bool, variant: str) -> None:
+    """The parallel model on its data-parallel shard against the single-process model on the concatenated batch:
+    with global-batch balance the mean of the ranks' losses is the whole batch's loss, ETR's expert choice ranks the
+    whole expert-parallel group's tokens, and the aux-free bias moves by the whole step's load."""
+    from model.router import Router
+    from train.step import after_optimizer_step
+
+    ctx = init_parallel(ParallelConfig(tp=tp, ep=ep, sequence_parallel=sp), "cpu")
+    dp = ctx.dims.dp
+    mcfg, moecfg = router_family_configs(variant)
+    torch.manual_seed(0)
+    ref = Decoder(mcfg, moecfg)
+    par = parallelize(copy.deepcopy(ref), ctx)
+    g = torch.Generator().manual_seed(1)
+    batch = torch.randint(0, mcfg.vocab_size, (2 * dp, 13), generator=g)
+    shard = batch.chunk(dp)[ctx.dp_rank]
+
+    out_ref = ref(batch[:, :-1])
+    loss_ref = lm_loss(out_ref, batch[:, 1:]) + out_ref.aux_loss
+    loss_ref.backward()
+    out = par(shard[:, :-1])
+    loss = lm_loss(out, shard[:, 1:]) + out.aux_loss
+    with loss_context(out):
+        loss.backward()
+    logits = out.logits_BSV
+    logits = logits.full_tensor() if hasattr(logits, "full_tensor") else logits
+    mine = slice(2 * ctx.dp_rank, 2 * ctx.dp_rank + 2)
+    _close("logits", logits.detach(), out_ref.logits_BSV.detach()[mine])
+    mean_loss = loss.detach().clone()
+    if dp > 1:
+        dist.all_reduce(mean_loss, group=ctx.group("dp"))
+    _close("mean loss over dp ranks", mean_loss / dp, loss_ref.detach())
+
+    # Routing decisions are identical: kept assignments per expert, summed over the ranks that hold other tokens.
+    groups = [ctx.group(n) for n, on in (("dp", dp > 1), ("tp", ctx.dims.sp)) if on]
+    for got, want in zip(out.moe_layers, out_ref.moe_layers, strict=True):
+        counts = got.stats.expert_counts_E.clone()
+        for grp in groups:
+            dist.all_reduce(counts, group=grp)
+        assert torch.equal(counts, want.stats.expert_counts_E), (counts, want.stats.expert_counts_E)
+    if variant == "etr":  # the capacity must really bind for the test to mean anything
+        assert sum(int(a.stats.dropped) for a in out_ref.moe_layers) > 0
+
+    sync = GradSync(par, ctx)
+    sync.reduce()
+    grads = full_tensors(par, ctx, grads=True)
+    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+    assert grads.keys() == ref_grads.keys(), sorted(set(grads) ^ set(ref_grads))
+    for name, want in ref_grads.items():
+        _close(f"grad {name}", grads[name], want)
+
+    after_optimizer_step(ref, stepped=True)
+    after_optimizer_step(par, stepped=True)
+    ref_routers = [m for m in ref.modules() if isinstance(m, Router)]
+    par_routers = [m for m in par.modules() if isinstance(m, Router)]
+    for r, p in zip(ref_routers, par_routers, strict=True):
+        assert r.expert_bias_E.abs().sum() > 0
+        assert torch.equal(p.expert_bias_E, r.expert_bias_E), (p.expert_bias_E, r.expert_bias_E)

@@ -80,6 +80,11 @@ def export(
     step_dir = resolve_step_dir(checkpoint)
     model, meta = load_decoder(step_dir)
     mcfg, moe = model.cfg, model.moe_cfg
+    blockers = layouts.export_blockers(moe)
+    if blockers:
+        raise ConversionError(
+            f"{step_dir}: no Hugging Face layout can express " + "; ".join(blockers) + " yet; export a model without it"
+        )
     layout, notes = choose_layout(moe, fmt)
     notes += layouts.training_only_notes(moe)
 

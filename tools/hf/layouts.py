@@ -35,11 +35,31 @@ _OWN_AUTO_MAP = {
 }
 
 
+def export_blockers(moe: MoEConfig) -> list[str]:
+    """Router-family features no exported layout (ours, the release's, Mixtral's) can express yet."""
+    if not moe.enabled:
+        return []
+    out = []
+    if moe.router.kind == "etr":
+        out.append("moe.router.kind=etr (fixed GrAP vectors and cosine gates)")
+    if any(t.kind == "aux_free_bias" for t in moe.balance):
+        out.append("an aux_free_bias term (the selection bias changes routing)")
+    if moe.shared_experts:
+        out.append(f"moe.shared_experts={moe.shared_experts}")
+    if moe.router.kind == "topk" and moe.router.mixtral_gating and mixtral_blockers(moe):
+        out.append(
+            "moe.router.mixtral_gating outside a model Mixtral expresses (" + "; ".join(mixtral_blockers(moe)) + ")"
+        )
+    return out
+
+
 def release_blockers(moe: MoEConfig) -> list[str]:
     """Why the release layout cannot express this model (empty: it can)."""
     if not moe.enabled:
         return ["moe.num_experts=0 (a dense model)"]
     out = []
+    if moe.router.kind != "moepp":
+        out.append(f"moe.router.kind={moe.router.kind}; the release router is moepp")
     counts = (moe.num_zero_experts, moe.num_copy_experts, moe.num_constant_experts)
     if counts != (1, 1, 2):
         out.append(f"zero/copy/constant experts are {counts[0]}/{counts[1]}/{counts[2]}; the release fixes 1/1/2")
@@ -73,7 +93,8 @@ def mixtral_blockers(moe: MoEConfig) -> list[str]:
         out.append("moe.gating_residual=true; Mixtral routers have no residual")
     if moe.every_n_layers != 1:
         out.append(f"moe.every_n_layers={moe.every_n_layers}; every Mixtral layer is an MoE layer")
-    if moe.router.gate_convention == "paper" and moe.top_k < moe.num_total_experts:
+    mixtral_gates = moe.router.kind == "topk" and moe.router.mixtral_gating
+    if moe.router.gate_convention == "paper" and moe.top_k < moe.num_total_experts and not mixtral_gates:
         out.append(
             "moe.router.gate_convention=paper (top-k probabilities not renormalised); Mixtral renormalises them "
             "(our release convention does the same)"
