@@ -59,3 +59,33 @@ def test_format_moepp_keeps_a_vanilla_model_in_remote_code(tmp_path):
     model_cfg, moe_cfg = tiny(**VANILLA, convention="release")
     save_run(tmp_path / "run", model_cfg, moe_cfg)
     assert export(tmp_path / "run", tmp_path / "hf", fmt="moepp", log=lambda s: None).layout == OWN
+
+
+def test_topk_router_with_mixtral_gating_exports_as_mixtral(tmp_path):
+    model_cfg, moe_cfg = tiny(**VANILLA, convention="paper")
+    moe_cfg.router.kind, moe_cfg.router.mixtral_gating = "topk", True
+    ours = save_run(tmp_path / "run", model_cfg, moe_cfg)
+    assert export(tmp_path / "run", tmp_path / "hf", log=lambda s: None).layout == MIXTRAL
+    hf = transformers.MixtralForCausalLM.from_pretrained(str(tmp_path / "hf"))
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, ours(x).logits_BSV, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"shared_experts": 1}, "moe.shared_experts=1"),
+        ({"router": "etr"}, "moe.router.kind=etr"),
+    ],
+)
+def test_router_family_features_no_layout_expresses_are_refused(tmp_path, fields, named):
+    model_cfg, moe_cfg = tiny(**VANILLA, convention="paper")
+    if fields.pop("router", None):
+        moe_cfg.router.kind = "etr"
+    for k, v in fields.items():
+        setattr(moe_cfg, k, v)
+    save_run(tmp_path / "run", model_cfg, moe_cfg)
+    with pytest.raises(ConversionError, match=named):
+        export(tmp_path / "run", tmp_path / "hf", log=lambda s: None)
+    assert not (tmp_path / "hf").exists()  # nothing half-written
