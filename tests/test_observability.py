@@ -121,6 +121,13 @@ def test_wandb_fake_module_gets_config_and_flat_records(tmp_path, monkeypatch):
     assert calls["log"][1][1]["val_loss"] == pytest.approx(0.2)
     assert "routing/layer0/ffn_per_token" in calls["log"][0][1]
     assert calls["finished"]
+    first_id = init_kwargs["id"]
+    assert init_kwargs["resume"] == "allow"
+    # A run resumed from a checkpoint (start_step > 0) continues the same wandb run; a fresh start gets a new one.
+    MetricsLogger(tmp_path, 30, start_step=20, wandb=WandbConfig(project="p")).close()
+    assert calls["init"]["id"] == first_id
+    MetricsLogger(tmp_path, 30, start_step=0, wandb=WandbConfig(project="p")).close()
+    assert calls["init"]["id"] != first_id
 
 
 def test_wandb_not_started_on_non_logging_ranks(tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ import importlib
 import json
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -77,7 +78,24 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
-def start_wandb(cfg: WandbConfig | None, run_dir: Path, run_config: dict[str, Any], name: str) -> Any | None:
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def wandb_run_id(run_dir: Path, resuming: bool) -> str:
+    """The wandb run id of this run directory: a resumed run continues the run it was saved from (same id,
+    resume="allow"), a fresh start gets a new id. Kept in RUN_DIR/wandb_run_id."""
+    path = run_dir / WANDB_ID_FILE
+    if resuming and path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:12]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(run_id + "\n")
+    return run_id
+
+
+def start_wandb(
+    cfg: WandbConfig | None, run_dir: Path, run_config: dict[str, Any], name: str, resuming: bool = False
+) -> Any | None:
     """A wandb run, or None when disabled, not installed, or failing to start (one console line says which).
     wandb is imported here and nowhere else, so the package stays optional."""
     if cfg is None or cfg.mode == "disabled":
@@ -94,6 +112,8 @@ def start_wandb(cfg: WandbConfig | None, run_dir: Path, run_config: dict[str, An
     try:
         # console="off": wandb must not wrap our stdout (the progress bar and torchrun's rank prefixes use it).
         run = wandb.init(
+            id=wandb_run_id(run_dir, resuming),
+            resume="allow",
             project=cfg.project,
             name=cfg.run_name or name,
             mode=cfg.mode,
@@ -135,7 +155,8 @@ class MetricsLogger:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=False)
-        self.wandb_run = start_wandb(wandb, run_dir, run_config or {}, name) if enabled else None
+        resuming = start_step > 0
+        self.wandb_run = start_wandb(wandb, run_dir, run_config or {}, name, resuming) if enabled else None
 
     def eta(self, step: int) -> float:
         done = step - self.start_step
