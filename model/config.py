@@ -71,10 +71,11 @@ class EtrConfig:
     # it stops at the smallest l whose cumulative affinity (sum of the l best cosines) reaches it.
     threshold: float | None = None
     # Expert choice keeps the top-C tokens of each expert by affinity, C = ceil(factor * tokens * top_k / E) over the
-    # tokens of the expert-parallel group. `fixed`: factor = moe.capacity_factor. `lower_bound`: every
-    # `recompute_every` steps factor = clamp(exp(d delta^2 / (2 - delta^2)), min_capacity_factor,
-    # moe.capacity_factor), delta = mean affinity of the token choices since the last update (the paper's bound
-    # C_min = (1/E) exp(...) as a share of the tokens; the paper gives no schedule, this one is ours).
+    # tokens of the whole data-parallel batch (the same decisions for every parallel layout).
+    # `fixed`: factor = moe.capacity_factor. `lower_bound`: every `recompute_every` steps
+    # factor = clamp(exp(d delta^2 / (2 - delta^2)), min_capacity_factor, moe.capacity_factor), delta = mean affinity
+    # of the token choices since the last update (the paper's bound C_min = (1/E) exp(...) as a share of the tokens;
+    # the paper gives no schedule, this one is ours).
     capacity_schedule: Literal["fixed", "lower_bound"] = "fixed"
     min_capacity_factor: float = 0.5
     recompute_every: int = 100

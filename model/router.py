@@ -8,7 +8,7 @@ The router never communicates itself. `parallel/` installs hooks when other rank
 `stats_reducer` (sequence parallelism: sum the balance statistics over tp, identity backward), `dp_reducer`
 (global-batch balance: sum over data-parallel ranks, no autograd), `step_reducer` (the between-step updates: sum
 over every rank that routed other tokens) and `group_gather` (ETR expert choice: concatenate per-assignment values
-over the expert-parallel group in rank order; returns them and this rank's first row).
+over the data-parallel group in rank order; returns them and this rank's first row).
 """
 
 from __future__ import annotations
@@ -225,14 +225,14 @@ class Router(nn.Module):
         return self._etr_factor
 
     def etr_capacity(self, group_tokens: int) -> int:
-        """C = ceil(factor * tokens * top_k / E) over the tokens of the whole expert-parallel group."""
+        """C = ceil(factor * tokens * top_k / E) over the tokens of the whole data-parallel batch."""
         cfg = self.cfg
         return math.ceil(self.etr_capacity_factor() * group_tokens * cfg.top_k / cfg.num_total_experts - 1e-9)
 
     def etr_expert_choice(self, expert_idx_TK: Tensor, affinity_TK: Tensor, chosen_TK: Tensor) -> Tensor:
         """ETR expert choice: every expert keeps the C highest-affinity tokens among those that chose it, counted
-        over the expert-parallel group (gathered in rank order, so the result equals the single process on the
-        concatenated tokens)."""
+        over the whole data-parallel batch (gathered in rank order, so the result equals the single process on the
+        concatenated tokens whatever the layout)."""
         T, K = expert_idx_TK.shape
         E = self.cfg.num_total_experts
         expert_A = torch.where(chosen_TK, expert_idx_TK, E).reshape(-1)

@@ -3,8 +3,10 @@
 - dp_reducer: global-batch balance sums selection counts over data-parallel ranks (forward, no autograd).
 - step_reducer: the aux-free bias and the ETR capacity schedule use the load of the whole step: summed over
   data-parallel ranks and, under sequence parallelism, over tp (whose ranks route different tokens).
-- group_gather: ETR expert choice ranks the assignments of the whole expert-parallel group, so each rank sees every
-  rank's (expert, affinity) pairs in rank order; [T*K, 2] floats per rank, tiny next to the token all-to-all.
+- group_gather: ETR expert choice ranks the assignments of the whole data-parallel batch, so each rank sees every
+  data-parallel rank's (expert, affinity) pairs in rank order ([T*K, 2] floats per rank, tiny next to the token
+  all-to-all). Over dp rather than only ep, so the decisions are those of the single process on the concatenated
+  batch for every layout (ep, edp x ep, or plain dp alike).
 - local_mask_E: the ETR locality loss needs which FFN experts live on this node (zero-computation experts are
   replicated, so always local).
 """
@@ -68,10 +70,10 @@ def install_router_hooks(model: nn.Module, ctx: ParallelContext) -> None:
             router.dp_reducer = _sum_over([dp_group])
         if step_groups:
             router.step_reducer = _sum_over(step_groups)
-        if d.ep > 1 and router.kind == "etr":
-            ep_group = ctx.group("ep")
-            router.group_gather = _gather_over(ep_group)
+        if router.kind == "etr" and dp_group is not None:
+            router.group_gather = _gather_over(dp_group)
+        if router.kind == "etr" and d.ep > 1:
             cfg = router.cfg
-            router.local_mask_E = node_local_experts(cfg.num_experts, cfg.num_total_experts, ep_group).to(
+            router.local_mask_E = node_local_experts(cfg.num_experts, cfg.num_total_experts, ctx.group("ep")).to(
                 router.local_mask_E.device
             )

@@ -42,6 +42,7 @@ def test_rank_and_experts_receiving_no_tokens():
 
 ROUTER_FAMILY = {
     "etr-ep2": (2, 1, 2, False, "etr"),
+    "etr-dp2": (2, 1, 1, False, "etr"),  # no expert parallelism: the expert choice still spans the dp batch
     "etr-edp2xep2": (4, 1, 2, False, "etr"),
     "moepp-global-shared-tp2xep2": (4, 2, 2, False, "moepp-global"),
     "moepp-global-shared-tp2-sp": (2, 2, 1, True, "moepp-global"),

@@ -311,7 +311,7 @@ def router_family_configs(variant: str) -> tuple[ModelConfig, MoEConfig]:
 def router_family(rank: int, world: int, tp: int, ep: int, sp: bool, variant: str) -> None:
     """The parallel model on its data-parallel shard against the single-process model on the concatenated batch:
     with global-batch balance the mean of the ranks' losses is the whole batch's loss, ETR's expert choice ranks the
-    whole expert-parallel group's tokens, and the aux-free bias moves by the whole step's load."""
+    whole data-parallel batch's tokens, and the aux-free bias moves by the whole step's load."""
     from model.router import Router
     from train.step import after_optimizer_step
 
