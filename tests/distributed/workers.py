@@ -52,6 +52,17 @@ def _close(name: str, got: torch.Tensor, want: torch.Tensor, rtol: float = RTOL,
     torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
+def _reduce_and_compare_grads(par, ref, ctx, sync: GradSync) -> dict[str, torch.Tensor]:
+    """Reduce the parallel model's gradients and compare every one with the reference's; returns the latter."""
+    sync.reduce()
+    grads = full_tensors(par, ctx, grads=True)
+    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+    assert grads.keys() == ref_grads.keys(), sorted(set(grads) ^ set(ref_grads))
+    for name, want in ref_grads.items():
+        _close(f"grad {name}", grads[name], want)
+    return ref_grads
+
+
 def equivalence(rank: int, world: int, tp: int, ep: int, capacity: float | None, steps: int, sp: bool = False) -> None:
     ctx = init_parallel(ParallelConfig(tp=tp, ep=ep, sequence_parallel=sp), "cpu")
     dp = ctx.dims.dp
@@ -85,12 +96,7 @@ def equivalence(rank: int, world: int, tp: int, ep: int, capacity: float | None,
     _close("logits", logits.detach(), ref_losses[mine][0])
     _close("loss", loss.detach(), ref_losses[mine][1])
     sync = GradSync(par, ctx)
-    sync.reduce()
-    grads = full_tensors(par, ctx, grads=True)
-    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
-    assert grads.keys() == ref_grads.keys(), sorted(set(grads) ^ set(ref_grads))
-    for name, want in ref_grads.items():
-        _close(f"grad {name}", grads[name], want)
+    ref_grads = _reduce_and_compare_grads(par, ref, ctx, sync)
     # Global norm (clipping) equals the single-process norm of the full gradient.
     want_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in ref_grads.values()]))
     _close("grad norm", sync.clip_(0.0), want_norm)
@@ -351,13 +357,7 @@ def router_family(rank: int, world: int, tp: int, ep: int, sp: bool, variant: st
     if variant == "etr":  # the capacity must really bind for the test to mean anything
         assert sum(int(a.stats.dropped) for a in out_ref.moe_layers) > 0
 
-    sync = GradSync(par, ctx)
-    sync.reduce()
-    grads = full_tensors(par, ctx, grads=True)
-    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
-    assert grads.keys() == ref_grads.keys(), sorted(set(grads) ^ set(ref_grads))
-    for name, want in ref_grads.items():
-        _close(f"grad {name}", grads[name], want)
+    _reduce_and_compare_grads(par, ref, ctx, GradSync(par, ctx))
 
     after_optimizer_step(ref, stepped=True)
     after_optimizer_step(par, stepped=True)
