@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from model.transformer import Decoder
+from parallel.mesh import init_parallel
 from train.checkpoint import CheckpointError, latest_checkpoint, load_training_state, read_meta
 from train.config import load_config
 from train.trainer import run
@@ -126,7 +127,6 @@ def test_kill_9_at_random_moments_never_leaves_a_broken_latest(tmp_path):
             continue
         cfg = _cfg(tmp_path)
         model = Decoder(cfg.model, cfg.moe)
-        from parallel.mesh import init_parallel
 
         meta = load_training_state(latest, model, None, init_parallel(cfg.parallel, "cpu"))
         assert meta["step"] == int(latest.name.split("_")[1])
@@ -136,7 +136,6 @@ def test_damaged_and_foreign_checkpoints_are_one_line_errors(tmp_path):
     run(_cfg(tmp_path, "train.exit_at_step=1"))
     step = tmp_path / "checkpoints" / "step_00000001"
     cfg = _cfg(tmp_path)
-    from parallel.mesh import init_parallel
 
     ctx = init_parallel(cfg.parallel, "cpu")
 
@@ -170,7 +169,6 @@ def test_loading_never_executes_pickled_code(tmp_path):
     step = tmp_path / "checkpoints" / "step_00000001"
     (step / ".metadata").write_bytes(pickle.dumps(_Evil()))
     cfg = _cfg(tmp_path)
-    from parallel.mesh import init_parallel
 
     with pytest.raises(CheckpointError, match=r"\.metadata: unreadable DCP metadata \(refusing to load posix.system"):
         load_training_state(step, Decoder(cfg.model, cfg.moe), None, init_parallel(cfg.parallel, "cpu"))
@@ -237,3 +235,30 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):
     latest = latest_checkpoint(tmp_path / "checkpoints")
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert latest is not None and read_meta(latest)["step"] == steps[-1] < 10000
+
+
+def test_resume_may_change_loss_coefficients_but_not_the_bias_state(tmp_path):
+    run(_cfg(tmp_path, "train.exit_at_step=2"))
+    # Coefficients, scope and capacity are training choices: a resume may change them.
+    changed = "moe.balance=[{kind: heterogeneous, coeff: 0.02}, {kind: zloss}]"
+    run(_cfg(tmp_path, "train.exit_at_step=4", changed, "moe.balance_scope=global_batch", "moe.capacity_factor=1.5"))
+    assert read_meta(latest_checkpoint(tmp_path / "checkpoints"))["step"] == 4
+    # An aux-free bias is saved state: adding it on resume is refused in one line, and the checkpoint is untouched.
+    with pytest.raises(CheckpointError) as e:
+        run(_cfg(tmp_path, "moe.balance=[{kind: heterogeneous}, {kind: aux_free_bias}]"))
+    assert "aux_free_bias" in str(e.value) and "\n" not in str(e.value)
+    assert read_meta(latest_checkpoint(tmp_path / "checkpoints"))["step"] == 4
+
+
+def test_checkpoint_from_before_moe_balance_still_loads_and_resumes(tmp_path):
+    run(_cfg(tmp_path, "train.exit_at_step=2"))
+    step_dir = latest_checkpoint(tmp_path / "checkpoints")
+    meta_file = step_dir / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    moe = meta["config"]["moe"]
+    moe["balance_coeff"] = moe.pop("balance")[0]["coeff"]  # the meta.json an earlier version wrote
+    meta_file.write_text(json.dumps(meta))
+    cfg = _cfg(tmp_path)
+    load_training_state(step_dir, Decoder(cfg.model, cfg.moe), None, init_parallel(cfg.parallel, "cpu"))
+    run(_cfg(tmp_path, "train.exit_at_step=3"))
+    assert read_meta(latest_checkpoint(tmp_path / "checkpoints"))["step"] == 3

@@ -33,6 +33,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from model.experts import FFNExperts
 from parallel.mesh import ParallelContext
+from train.config import upgrade_config
 
 STEP_PREFIX = "step_"
 META_FILE = "meta.json"
@@ -230,14 +231,34 @@ def read_meta(path: Path) -> dict[str, Any]:
             raise CheckpointError(
                 f"{meta_file}: field {key!r} is missing; the checkpoint is damaged, pick another step"
             )
+    meta["config"] = upgrade_config(meta["config"])
     return meta
 
 
+# moe keys a resume may change: loss coefficients and capacity shape training, not the model or its saved state.
+# Whether an aux_free_bias term is present is checked separately (it adds a buffer to the checkpoint).
+RESUME_MAY_CHANGE = {("moe", "balance"), ("moe", "balance_scope"), ("moe", "capacity_factor"), ("moe", "tau")}
+
+
+def _has_bias(moe: dict[str, Any]) -> bool:
+    return any(t.get("kind") == "aux_free_bias" for t in moe.get("balance") or [])
+
+
 def check_compatible(meta: dict[str, Any], config: dict[str, Any], path: Path) -> None:
-    """The model shape must match; everything else (layout, optimizer, schedule) may change on resume."""
+    """The model shape and the router's saved state must match; everything else (layout, optimizer, schedule, loss
+    coefficients, capacity) may change on resume."""
+    saved_moe, now_moe = meta["config"].get("moe", {}), config["moe"]
+    if _has_bias(saved_moe) != _has_bias(now_moe):
+        where, other = ("checkpoint", "config") if _has_bias(saved_moe) else ("config", "checkpoint")
+        raise CheckpointError(
+            f"{path / META_FILE}: moe.balance has an aux_free_bias term in the {where} but not in the {other} (its "
+            "bias is saved state); keep the term as it was or start a new run"
+        )
     for section in ("model", "moe"):
         saved, now = meta["config"].get(section, {}), config[section]
         for key in sorted(set(saved) | set(now)):
+            if (section, key) in RESUME_MAY_CHANGE:
+                continue
             if saved.get(key) != now.get(key):
                 raise CheckpointError(
                     f"{path / META_FILE}: {section}.{key} is {saved.get(key)!r} in the checkpoint but "

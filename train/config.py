@@ -401,6 +401,19 @@ RENAMED_KEYS = {
 }
 
 
+def upgrade_config(data: dict[str, Any]) -> dict[str, Any]:
+    """A config dict saved by an earlier version (a checkpoint's meta.json) in today's keys: moe.balance_coeff
+    becomes moe.balance: [{kind: heterogeneous, coeff}]. YAML written by hand is not upgraded: it gets the one-line
+    error naming the replacement, so the file itself gets fixed."""
+    moe = data.get("moe")
+    if isinstance(moe, dict) and "balance_coeff" in moe:
+        moe = dict(moe)
+        coeff = moe.pop("balance_coeff")
+        moe.setdefault("balance", [{"kind": "heterogeneous", "coeff": coeff}])
+        data = {**data, "moe": moe}
+    return data
+
+
 def build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types with the dotted key."""
     hints = typing.get_type_hints(cls)
