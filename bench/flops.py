@@ -11,6 +11,7 @@ length, F dense FFN width, Fe expert width, E all experts, V vocabulary):
     router         per MoE layer     2*D*E                 (+ 2*E*E gating residual, two-layer: 2*D*8E + 2*8E*E)
     FFN experts    per MoE layer     n_ffn * 2*3*D*Fe      n_ffn = mean FFN experts per token *of that layer*,
                                                            from the routing statistics (top_k for vanilla MoE)
+    shared experts per MoE layer     K_s * 2*3*D*Fe        every token (moe.shared_experts)
     constant exp.  per MoE layer     2*3*D*n_const         W_c x ([2, D] each) and the v term
     LM head                          2*D*V                 (embedding lookup: 0)
 
@@ -65,10 +66,10 @@ def flops_per_token(
     b.dense_ffn = (model.num_layers - len(moe_layers)) * 2 * 3 * D * model.ffn_hidden_size
     E, Fe = moe.num_total_experts, moe.expert_ffn_hidden_size or model.ffn_hidden_size
     for j, n_ffn in enumerate(per_layer):
-        b.router += 2 * D * 8 * E + 2 * 8 * E * E if moe.router.two_layer else 2 * D * E
+        b.router += 2 * D * 8 * E + 2 * 8 * E * E if moe.router.two_layer else 2 * D * E  # etr: the cosine, alike
         if moe.gating_residual and j > 0:  # the first MoE layer has no residual term
             b.router += 2 * E * E
-        b.experts += n_ffn * 2 * 3 * D * Fe
+        b.experts += (n_ffn + moe.shared_experts) * 2 * 3 * D * Fe
         b.constant += 2 * 3 * D * moe.num_constant_experts
     b.head = 2 * D * model.vocab_size
     return b

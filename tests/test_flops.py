@@ -54,3 +54,11 @@ def test_peak_table():
     assert peak_tflops("NVIDIA H200") == ("H200", 989.4)
     assert peak_tflops("NVIDIA A100-SXM4-80GB") == ("A100", 312.0)
     assert peak_tflops("cpu") is None
+
+
+def test_shared_experts_count_for_every_token():
+    model, moe = tiny()
+    moe.shared_experts = 2
+    b = flops_per_token(model, moe, seq_len=3, ffn_per_token=[2.0, 1.5])
+    # Each layer adds 2 shared expert-tokens of 2*3*4*8 = 192 FLOPs.
+    assert b.experts == (2.0 + 2) * 192 + (1.5 + 2) * 192
