@@ -185,8 +185,11 @@ def sweep(T: int, repeats: int, shapes: list, taus: list[float], profile_first: 
             van_all += van
             measured.append((str(tau), got, pp))
             print(f"{name} tau {tau}: vanilla {min(van):.0f} ms, MoE++ {pp:.0f} ms", flush=True)
-            if profile_first and tau == taus[0]:
-                profile_rows += profile(f"{name} tau {tau}", pair, x, prev, share)
+        if profile_first:
+            # After the timings, never between them: a profiled run can leave the next timed runs slower.
+            share = ffn_share(taus[0], n_ffn, pair.n_zc)
+            control(pair.moepp, balanced_assignments(T, n_ffn, pair.n_zc, share))
+            profile_rows += profile(f"{name} tau {taus[0]}", pair, x, prev, share)
         rows += [row(name, tau, got, min(van_all), pp) for tau, got, pp in measured]
     return rows, profile_rows
 
