@@ -55,7 +55,9 @@ def expert_choice_mask(expert_A: Tensor, score_A: Tensor, capacity: int, num_exp
     num_experts marks an assignment that was never made. No host sync."""
     by_score = torch.argsort(-score_A, stable=True)
     order = by_score[torch.argsort(expert_A[by_score], stable=True)]
-    counts = torch.bincount(expert_A, minlength=num_experts + 1)
+    # scatter_add rather than bincount: CUDA's bincount reads the maximum back to size its output (a host sync).
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=expert_A.device)
+    counts.scatter_add_(0, expert_A, torch.ones_like(expert_A))
     group_start = torch.cumsum(counts, 0) - counts
     pos_sorted = torch.arange(order.numel(), device=order.device) - group_start[expert_A[order]]
     position = torch.empty_like(pos_sorted)
@@ -331,9 +333,10 @@ class Router(nn.Module):
         etr = self.cfg.router.etr
         assert self.cfg.capacity_factor is not None
         self.etr_state[1] += 1
+        # host-device sync: once per optimizer step (the step counter; the buffer is what a checkpoint restores),
+        # and the affinity read below once every recompute_every steps.
         if int(self.etr_state[1]) % etr.recompute_every != 0:
             return
-        # host-device sync: once every recompute_every steps.
         delta = float(affinity_sum / num_choices.clamp_min(1))
         bound = balance.etr_lower_bound_factor(self.hidden_size, delta)
         self.etr_state[0] = min(max(bound, etr.min_capacity_factor), self.cfg.capacity_factor)
