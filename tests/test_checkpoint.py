@@ -63,6 +63,10 @@ def test_resume_restores_the_router_state_no_gradient_moves(tmp_path):
     """The aux-free bias and the ETR capacity schedule are buffers changed between steps: a resume that lost them
     would route differently after the restart."""
     run(_cfg(tmp_path / "straight", "train.resume=never", *ROUTER_STATE))
+    last = json.loads((tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()[-1])
+    for layer in last["routing"]:  # the state is logged per MoE layer
+        assert len(layer["expert_bias"]) == 12 and any(b != 0 for b in layer["expert_bias"])
+        assert 0.5 <= layer["etr_capacity_factor"] <= 1.5
     split = tmp_path / "split"
     run(_cfg(split, "train.exit_at_step=4", *ROUTER_STATE))
     from train.checkpoint import SafeFileSystemReader

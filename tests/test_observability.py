@@ -62,6 +62,9 @@ def record(step: int, n_layers: int = 2, n_experts: int = 6) -> dict:
 
 def test_flatten_for_wandb():
     flat = flatten_for_wandb(record(10))
+    with_bias = record(10)
+    with_bias["routing"][0]["expert_bias"] = [0.001, -0.002]
+    assert flatten_for_wandb(with_bias)["routing/layer0/bias/e1"] == -0.002
     assert flat["loss"] == 0.5 and "step" not in flat and "grad_norm" not in flat
     assert flat["routing/layer1/ffn_per_token"] == pytest.approx(2 * 0.88)
     assert flat["routing/layer0/share_zero"] == pytest.approx(0.03)

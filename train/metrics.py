@@ -58,15 +58,17 @@ def format_duration(seconds: float) -> str:
 
 def flatten_for_wandb(record: dict[str, Any]) -> dict[str, float]:
     """One metrics.jsonl record as flat wandb keys: scalars keep their names; `routing` (one dict per MoE layer,
-    in layer order) becomes `routing/layer{i}/{key}`, and its expert_load list `routing/layer{i}/load/e{j}`.
+    in layer order) becomes `routing/layer{i}/{key}`, its expert_load list `routing/layer{i}/load/e{j}` and an
+    aux-free bias `routing/layer{i}/bias/e{j}`.
     None (a non-finite value) and non-numeric entries are left out."""
     flat: dict[str, float] = {}
     for key, value in record.items():
         if key == "routing":
             for i, layer in enumerate(value):
                 for k, v in layer.items():
-                    if k == "expert_load":
-                        flat.update({f"routing/layer{i}/load/e{j}": float(x) for j, x in enumerate(v)})
+                    if k in ("expert_load", "expert_bias"):
+                        name = "load" if k == "expert_load" else "bias"
+                        flat.update({f"routing/layer{i}/{name}/e{j}": float(x) for j, x in enumerate(v)})
                     elif _is_number(v):
                         flat[f"routing/layer{i}/{k}"] = float(v)
         elif key != "step" and _is_number(value):

@@ -16,6 +16,7 @@ import yaml
 from data.loader import build_data
 from model.config import ConfigError
 from model.moe import RoutingStats
+from model.router import Router
 from model.transformer import Decoder
 from parallel import parallelize, pipeline_schedule
 from parallel.grads import GradSync
@@ -180,6 +181,7 @@ def run(cfg: Config) -> dict[str, Any]:
                     consumed,
                     skipped_total,
                     interval_steps * tokens_per_step / (time.perf_counter() - interval_start),
+                    router_states(model),
                 )
                 if tc.eval_interval and (step % tc.eval_interval == 0 or step == tc.max_steps):
                     if pipeline is not None:
@@ -232,6 +234,7 @@ def log_step(
     consumed: int,
     skipped_total: int,
     tokens_per_s: float,
+    routers: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     # Each balance term unweighted, summed over MoE layers, mean over micro-batches (and, below, over dp ranks).
     names = balance_term_names(cfg)
@@ -253,6 +256,8 @@ def log_step(
         "skipped_steps": skipped_total,
     }
     summary = routing_summary(routing, cfg.moe)
+    for layer, state in zip(summary["layers"], routers or [], strict=False):
+        layer.update(state)
     if ctx.dims.pp > 1:  # every stage summarised its own layers; the log lists all of them in order
         stages: list = [None] * ctx.dims.pp
         dist.all_gather_object(stages, summary["layers"], group=ctx.group("pp"))
@@ -267,6 +272,20 @@ def log_step(
     record["eta_s"] = logger.eta(step)
     record["routing"] = summary["layers"]
     return record
+
+
+def router_states(model: torch.nn.Module) -> list[dict[str, Any]]:
+    """Between-step router state of this rank's MoE layers, in layer order: the aux-free bias per expert and the
+    ETR capacity factor, where the config has them (host-device sync: logging intervals only)."""
+    states = []
+    for router in (m for m in model.modules() if isinstance(m, Router)):
+        state: dict[str, Any] = {}
+        if router.bias_rate is not None:
+            state["expert_bias"] = router.expert_bias_E.tolist()
+        if router.etr_schedule:
+            state["etr_capacity_factor"] = float(router.etr_state[0])
+        states.append(state)
+    return states
 
 
 def balance_term_names(cfg: Config) -> list[str]:
