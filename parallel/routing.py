@@ -62,7 +62,8 @@ def node_local_experts(num_experts: int, num_total: int, ep_group: dist.ProcessG
 def install_router_hooks(model: nn.Module, ctx: ParallelContext) -> None:
     d = ctx.dims
     dp_group = ctx.group("dp") if d.dp > 1 else None
-    step_groups = [g for g, on in ((dp_group, d.dp > 1), (ctx.group("tp") if d.sp else None, d.sp)) if on]
+    # The ranks that route other tokens: data-parallel ranks, and tp ranks under sequence parallelism.
+    step_groups = [g for g in (dp_group, ctx.group("tp") if d.sp else None) if g is not None]
     for router in model.modules():
         if not isinstance(router, Router):
             continue
