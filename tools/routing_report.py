@@ -1,6 +1,6 @@
 """Which tokens of a text use the most and the fewest FFN experts, for a trained MoE(++) checkpoint.
 
-    python tools/routing_report.py --checkpoint DIR --text FILE [--top 15] [--min-count 3] [--plot PNG]
+    python tools/routing_report.py --checkpoint DIR --text FILE [--top 15] [--min-count 3] [--plot PNG] [--groups]
 
 DIR is a step directory (`.../checkpoints/step_00000300`), a checkpoints directory or a run directory (its
 `latest` checkpoint is used). The text is tokenized the way the run's data was: with the run's `data.tokenizer`
@@ -11,7 +11,16 @@ position (`ffn_per_token_easy/hard` in metrics.jsonl).
 For every token position the number of FFN experts it was routed to (kept assignments to FFN experts, 0..top_k) is
 averaged over the MoE layers, then averaged over the occurrences of each distinct token. The MoE++ paper finds
 content words near 1.7 FFN experts and word fragments / function tokens below 1.5 (its Figure on token-level
-routing); this report is the same measurement for our checkpoints.
+routing); this report is the same measurement for our checkpoints. Sentencepiece tokens are shown as their pieces,
+with the word-boundary mark: '▁was' starts a word, 'ount' continues one.
+
+`--groups` (sentencepiece only) adds the mean per group of positions, to test that finding without picking tokens by
+hand: word-initial pieces ('▁' + a letter), split into stopwords (a small built-in English list; whole words only),
+other one-piece words and first pieces of multi-piece words; continuation pieces (word fragments: letters, no '▁',
+after a piece of the same word); letters glued to punctuation (WikiText's '<unk>' is '▁' '<' 'unk' '>'); and
+punctuation, digits and special pieces. A piece's group depends on its neighbours ('▁in' followed by 'side' is
+the start of "inside", not the stopword "in"). Each group gets the mean over its positions and the mean over its
+distinct tokens seen at least --min-count times there (each token counted once, as the tables do).
 """
 
 from __future__ import annotations
@@ -44,6 +53,9 @@ class TextTokenizer:
     name: str
     encode: Callable[[str], list[int]]
     show: Callable[[int], str]  # a token as the table prints it
+    # Sentencepiece only, for --groups: each id's piece ("▁the", "ing"); "▁" for every whitespace piece (a newline or
+    # tab piece or byte separates words like a space); "" for control, unknown and the other byte-fallback pieces.
+    pieces: list[str] | None = None
 
 
 def find_checkpoint(path: Path) -> Path:
@@ -76,8 +88,19 @@ def text_tokenizer(data: dict[str, Any], override: str | None) -> TextTokenizer:
             tok = Tokenizer(model_path)
         except (FileNotFoundError, ValueError, ImportError) as e:
             raise ReportError(f"tokenizer: {e}") from None
+        import sentencepiece  # importable: Tokenizer just loaded the model with it
+
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(model_path))
+        ids = range(sp.get_piece_size())
+        special = [bool(sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i)) for i in ids]
+        # Whitespace pieces other than "▁" (a newline or tab piece, or their byte-fallback bytes) separate words too.
+        space = [tok.decode([i]).isspace() or sp.id_to_piece(i).replace(WORD_START, " ").isspace() for i in ids]
+        pieces = [WORD_START if space[i] else "" if special[i] else sp.id_to_piece(i) for i in ids]
         return TextTokenizer(
-            f"sentencepiece {model_path}", lambda s: tok.encode([s])[0], lambda i: repr(tok.decode([i]))
+            f"sentencepiece {model_path}",
+            lambda s: tok.encode([s])[0],
+            lambda i: repr(tok.decode([i]) if special[i] else sp.id_to_piece(i)),
+            pieces,
         )
     paths = [data["path"]] if data.get("path") else [d["path"] for d in data.get("datasets") or []]
     if not paths:
@@ -158,6 +181,113 @@ def format_table(title: str, rows: list[TokenRow]) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# --groups: word-initial pieces vs continuation pieces, stopwords vs other words
+
+WORD_START = "\u2581"  # sentencepiece's word-boundary mark ("▁")
+
+# Common English function words (articles, pronouns, prepositions, conjunctions, auxiliaries, a few adverbs).
+_STOPWORDS = """a an the this that these those some any each every no not all both either neither
+    i me my we us our you your he him his she her it its they them their who whom whose which what
+    and or but nor so yet if than then because while although though as
+    of in on at by for with from to into onto upon about over under after before during between through
+    against among within without across along around behind beyond near off out up down
+    is are was were be been being am do does did have has had having
+    will would shall should can could may might must
+    there here when where why how also only just very too more most such own same other"""
+STOPWORDS = frozenset(_STOPWORDS.split())
+
+INITIAL, CONTINUATION, GLUED, OTHER = "initial", "continuation", "glued", "other"
+
+
+def piece_kind(piece: str) -> str:
+    """Out of context. INITIAL: '▁' then a letter somewhere ('▁the', '▁(a'); CONTINUATION: letters without '▁'
+    ('ing'); OTHER: no letter (punctuation, digits, a bare '▁') or a special piece (given as "")."""
+    body = piece.removeprefix(WORD_START)
+    if not any(c.isalpha() for c in body):
+        return OTHER
+    return INITIAL if piece.startswith(WORD_START) else CONTINUATION
+
+
+def position_kinds(ids: list[int], pieces: list[str]) -> list[str]:
+    """In context: a letters piece without '▁' continues a word only after a piece of that word. At the start of
+    the text or after a bare '▁' (a space, newline or tab) it starts a word ('▁' 'Ö' ...: INITIAL); after
+    punctuation it is GLUED to it, and so are the letter pieces after it ('unk' of '▁' '<' 'unk' '>', or 'u' 'n'
+    'k' where 'unk' is no piece)."""
+    kinds: list[str] = []
+    prev_piece, prev_kind = WORD_START, OTHER
+    for i in ids:
+        piece, kind = pieces[i], piece_kind(pieces[i])
+        if kind == CONTINUATION and prev_kind not in (INITIAL, CONTINUATION):
+            kind = INITIAL if prev_piece == WORD_START else GLUED
+        kinds.append(kind)
+        prev_piece, prev_kind = piece, kind
+    return kinds
+
+
+def word_group_masks(ids: list[int], pieces: list[str]) -> dict[str, torch.Tensor]:
+    """Group name -> [len(ids)] bool mask; the unindented groups partition the positions, indented names split the
+    group above them."""
+    kinds = position_kinds(ids, pieces)
+    next_kinds = [*kinds[1:], OTHER]
+    is_kind = lambda kind: torch.tensor([k == kind for k in kinds], dtype=torch.bool)
+    initial = is_kind(INITIAL)
+    # A word-initial piece followed by a continuation piece is the start of a longer word, not a word of its own.
+    whole = initial & torch.tensor([k != CONTINUATION for k in next_kinds], dtype=torch.bool)
+    stop = whole & torch.tensor([pieces[i].removeprefix(WORD_START).lower() in STOPWORDS for i in ids])
+    return {
+        "word-initial pieces": initial,
+        "  stopwords": stop,
+        "  other one-piece words": whole & ~stop,
+        "  first pieces of longer words": initial & ~whole,
+        "continuation pieces": is_kind(CONTINUATION),
+        "letters after punctuation": is_kind(GLUED),
+        "punctuation/digits/special": is_kind(OTHER),
+    }
+
+
+@dataclass
+class GroupRow:
+    name: str
+    positions: int
+    distinct: int  # distinct tokens seen at least min_count times in the group
+    ffn_per_position: float  # mean over the group's positions (nan: none)
+    ffn_per_token: float  # mean over those distinct tokens, each token's mean counted once (nan: none)
+
+
+def group_table(ids: list[int], ffn_T: torch.Tensor, pieces: list[str], min_count: int = 3) -> list[GroupRow]:
+    ids_t = torch.tensor(ids)
+    rows = []
+    for name, mask in word_group_masks(ids, pieces).items():
+        ffn = ffn_T[mask]
+        table = per_token_table(ids_t[mask].tolist(), ffn, str) if len(ffn) else []
+        per_token = [r.ffn_experts for r in table if r.count >= min_count]
+        rows.append(
+            GroupRow(
+                name,
+                int(mask.sum()),
+                len(per_token),
+                float(ffn.mean()) if len(ffn) else float("nan"),
+                sum(per_token) / len(per_token) if per_token else float("nan"),
+            )
+        )
+    return rows
+
+
+def format_groups(rows: list[GroupRow], min_count: int) -> str:
+    lines = [
+        f"FFN experts per group (tokens: mean over distinct tokens seen at least {min_count} times in the group):",
+        f"{'group':<32} {'positions':>9} {'share':>6} {'per position':>12} {'tokens':>6} {'per token':>9}",
+    ]
+    total = sum(r.positions for r in rows if not r.name.startswith(" ")) or 1
+    lines += [
+        f"{r.name:<32} {r.positions:>9} {r.positions / total:>6.1%} {r.ffn_per_position:>12.3f} {r.distinct:>6} "
+        f"{r.ffn_per_token:>9.3f}"
+        for r in rows
+    ]
+    return "\n".join(lines)
+
+
 def plot_report(
     most: list[TokenRow], fewest: list[TokenRow], ffn_T: torch.Tensor, top_k: int, n_layers: int, path: Path
 ) -> None:
@@ -199,6 +329,7 @@ def report(
     plot: Path | None = None,
     tokenizer: str | None = None,
     max_tokens: int = 200_000,
+    groups: bool = False,
 ) -> str:
     """The report as text (and the plot written to `plot`, when given)."""
     from train.checkpoint import read_meta
@@ -233,6 +364,11 @@ def report(
             format_table("fewest FFN experts:", fewest),
         ]
     )
+    if groups:
+        if tok.pieces is None:
+            text += f"\n\nno groups: they need a sentencepiece tokenizer ('▁' marks word starts), not {tok.name}"
+        else:
+            text += "\n\n" + format_groups(group_table(ids, ffn_T, tok.pieces, min_count), min_count)
     if plot is not None:
         try:
             n_layers = sum(isinstance(m, MoELayer) for m in model.modules())
@@ -252,6 +388,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", default="routing_report.png", help="PNG to write ('' for none)")
     p.add_argument("--tokenizer", default=None, help="sentencepiece .model instead of the run's data.tokenizer")
     p.add_argument("--max-tokens", type=int, default=200_000, help="route at most this many tokens of the text")
+    p.add_argument(
+        "--groups",
+        action="store_true",
+        help="also report the mean per group: word-initial pieces (stopwords, other words, word starts) vs "
+        "continuation pieces vs punctuation (sentencepiece only)",
+    )
     args = p.parse_args(argv)
     from train.checkpoint import CheckpointError
 
@@ -265,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
                 Path(args.plot) if args.plot else None,
                 args.tokenizer,
                 args.max_tokens,
+                args.groups,
             )
         )
     except (ReportError, CheckpointError) as e:
