@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+import traceback
 from collections.abc import Callable
 
 import torch.multiprocessing as mp
@@ -30,9 +32,16 @@ def _entry(rank: int, fn: Callable, world: int, port: int, args: tuple) -> None:
     torch.set_num_threads(1)
     try:
         fn(rank, world, *args)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    except BaseException:
+        # Say which rank failed and why even when another rank's exit is what mp.spawn reports first. No
+        # destroy_process_group here: tearing the group down under peers that are still in a collective aborts
+        # them (torchtitan skips it on failure for the same reason).
+        traceback.print_exc()
+        sys.stderr.flush()
+        raise
+    if dist.is_initialized():
+        dist.barrier()  # nobody destroys the group while a peer is still using it
+        dist.destroy_process_group()
 
 
 def run_world(fn: Callable, world: int, *args) -> None:
