@@ -81,7 +81,9 @@ class ConstantExperts(nn.Module):
 
     def mix(self, x_TD: Tensor) -> Tensor:
         """[a1, a2] = softmax(W_c x) for each token and constant expert: [T, n, 2]."""
-        return torch.einsum("td,cjd->tcj", x_TD, self.w_c).float().softmax(dim=-1)
+        # One [T, D] x [D, 2n] GEMM (F.linear measured faster than the equivalent einsum's bmm on CPU).
+        n = self.w_c.shape[0]
+        return F.linear(x_TD, self.w_c.reshape(2 * n, -1)).view(-1, n, 2).float().softmax(dim=-1)
 
     def forward(self, x_TD: Tensor) -> Tensor:
         """Every constant expert's output for every token, [T, n, D]: for tests and references only."""

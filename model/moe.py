@@ -95,9 +95,12 @@ class MoELayer(nn.Module):
 
         Written as per-token coefficients (dense over tokens, no gather/scatter of D-wide rows and no host sync):
         out = c_x * x + sum_c coef_c * a2_c * v_c, with c_x = sum of copy gates + sum_c coef_c * a1_c."""
+        if self.first_zero == self.first_constant:
+            # No copy or constant expert (a vanilla layer, or zero experts only): nothing to add.
+            return x_TD.new_zeros(x_TD.shape, dtype=torch.float32)
         is_copy = (expert_idx_TK >= self.first_copy) & (expert_idx_TK < self.first_zero)
         x_coef_T = (gates_TK * is_copy).sum(dim=-1)
-        v_term_TD = None
+        v_coef_TC = None
         if self.constant is not None:
             n_const = self.cfg.num_constant_experts
             is_const = (expert_idx_TK >= self.first_constant) & (expert_idx_TK < self.first_copy)
@@ -105,6 +108,9 @@ class MoELayer(nn.Module):
             gate_TC = gates_TK.new_zeros(gates_TK.shape[0], n_const).scatter_add(1, slot_TK, gates_TK * is_const)
             a_TC2 = self.constant.mix(x_TD)
             x_coef_T = x_coef_T + (gate_TC * a_TC2[..., 0]).sum(dim=-1)
-            v_term_TD = (gate_TC * a_TC2[..., 1]) @ self.constant.v.float()
-        out = x_coef_T[:, None] * x_TD.float()
-        return out if v_term_TD is None else out + v_term_TD
+            v_coef_TC = gate_TC * a_TC2[..., 1]
+        out = x_TD.float() * x_coef_T[:, None]
+        # One [T, D] buffer for the whole sum: the v term is accumulated in place (addmm_), not built as a second
+        # [T, D] tensor and added (that cost two more full-size passes; bench/expert_forward.py). Safe for autograd:
+        # the product's backward needs its inputs, not `out`.
+        return out if v_coef_TC is None else out.addmm_(v_coef_TC, self.constant.v.float())
