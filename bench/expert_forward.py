@@ -2,7 +2,7 @@
 (hidden 768, FFN 2048; (8+4), (16+4), (32+8)) for tau in {0.1, 0.25, 0.5, 0.75, 1.0}, plus a trained checkpoint's
 routing replayed on the (8+4) layer. Prints a table and writes the "Expert forward" section of docs/benchmarks.md.
 
-    python bench/expert_forward.py [--tokens 4096] [--repeats 5] [--checkpoint DIR] [--profile]
+    python bench/expert_forward.py [--tokens 16384] [--repeats 5] [--checkpoint DIR] [--profile]
 
 Routing is controlled (bench/routing.py): the MoE++ layer gets exactly the FFN share that tau gives at balance,
 N_ffn*tau / (N_ffn*tau + N_zc), spread evenly over experts; the vanilla layer sends every assignment to its (evenly
@@ -17,8 +17,10 @@ import argparse
 import datetime
 import os
 import platform
+import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -41,9 +43,18 @@ def forward_ms(layer: MoELayer, x: torch.Tensor, prev: torch.Tensor | None) -> t
     return ms, float(counts[: layer.num_ffn].sum() / counts.sum())
 
 
-def compare(pair: LayerPair, x: torch.Tensor, prev: torch.Tensor, repeats: int) -> tuple[list[float], float, float]:
-    """All vanilla ms, fastest MoE++ ms, measured FFN share; one warm-up each, then alternating runs. The minimum,
-    not the median: on a shared machine interference only ever adds time."""
+@dataclass
+class Timing:
+    van_ms: float  # fastest vanilla forward
+    pp_ms: float  # fastest MoE++ forward
+    speedup: float  # median over back-to-back (vanilla, MoE++) pairs of vanilla ms / MoE++ ms
+    share: float  # measured FFN share of the MoE++ layer's assignments
+
+
+def compare(pair: LayerPair, x: torch.Tensor, prev: torch.Tensor, repeats: int) -> Timing:
+    """One warm-up each, then `repeats` back-to-back (vanilla, MoE++) pairs. The speed-up is the median of the
+    per-pair ratios: the load of this shared machine drifts over minutes (vanilla alone drifted 2.4 s -> 3.2 s over
+    one shape's sweep), and both runs of a pair see the same load, so their ratio does not drift."""
     forward_ms(pair.vanilla, x, None)
     forward_ms(pair.moepp, x, prev)
     van, pp, share = [], [], 0.0
@@ -51,17 +62,18 @@ def compare(pair: LayerPair, x: torch.Tensor, prev: torch.Tensor, repeats: int) 
         van.append(forward_ms(pair.vanilla, x, None)[0])
         ms, share = forward_ms(pair.moepp, x, prev)
         pp.append(ms)
-    return van, min(pp), share
+    speedup = statistics.median(v / p for v, p in zip(van, pp, strict=True))
+    return Timing(min(van), min(pp), speedup, share)
 
 
-def row(label: str, tau: str, share: float, van: float, pp: float) -> list[str]:
-    speedup, bound = van / pp, 1 / share
+def row(label: str, tau: str, t: Timing) -> list[str]:
+    speedup, bound = t.speedup, 1 / t.share
     return [
         label,
         tau,
-        f"{share:.3f}",
-        f"{van:.0f}",
-        f"{pp:.0f}",
+        f"{t.share:.3f}",
+        f"{t.van_ms:.0f}",
+        f"{t.pp_ms:.0f}",
         f"{speedup:.2f}x ({(speedup - 1) * 100:+.0f}%)",
         f"{bound:.2f}x",
         f"{speedup / bound:.2f}",
@@ -126,6 +138,15 @@ def expert_ms_per_row(rows: list[int], repeats: int) -> list[list[str]]:
     return out
 
 
+def rows_per_expert(num_tokens: int, top_k: int = 2) -> str:
+    """'name vanilla/MoE++' rows per FFN expert at tau 0.1, for the text under the tables."""
+    parts = []
+    for name, n_ffn, n_zero, n_copy, n_const in SHAPES:
+        share = ffn_share(0.1, n_ffn, n_zero + n_copy + n_const)
+        parts.append(f"{name} {num_tokens * top_k // n_ffn} / {round(num_tokens * top_k * share / n_ffn)}")
+    return ", ".join(parts)
+
+
 def _time(fn) -> float:
     t = time.perf_counter()
     fn()
@@ -177,26 +198,25 @@ def sweep(T: int, repeats: int, shapes: list, taus: list[float], profile_first: 
         control(pair.vanilla, balanced_assignments(T, n_ffn, 0, 1.0))
         # The vanilla layer does the same work at every tau, so its baseline is the fastest of all its runs at
         # this shape (interleaved with every MoE++ run): one slow patch of the machine cannot inflate a speed-up.
-        van_all, measured = [], []
         for tau in taus:
             share = ffn_share(tau, n_ffn, pair.n_zc)
             control(pair.moepp, balanced_assignments(T, n_ffn, pair.n_zc, share))
-            van, pp, got = compare(pair, x, prev, repeats)
-            van_all += van
-            measured.append((str(tau), got, pp))
-            print(f"{name} tau {tau}: vanilla {min(van):.0f} ms, MoE++ {pp:.0f} ms", flush=True)
+            timing = compare(pair, x, prev, repeats)
+            rows.append(row(name, str(tau), timing))
+            print(f"{name} tau {tau}: {timing}", flush=True)
         if profile_first:
             # After the timings, never between them: a profiled run can leave the next timed runs slower.
             share = ffn_share(taus[0], n_ffn, pair.n_zc)
             control(pair.moepp, balanced_assignments(T, n_ffn, pair.n_zc, share))
             profile_rows += profile(f"{name} tau {taus[0]}", pair, x, prev, share)
-        rows += [row(name, tau, got, min(van_all), pp) for tau, got, pp in measured]
     return rows, profile_rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=4096, help="tokens per layer forward")
+    # 8 sequences of the paper's length 2048: a per-GPU micro-batch of a Megatron run of this model size.
+    parser.add_argument("--tokens", type=int, default=16384, help="tokens per layer forward")
+    parser.add_argument("--small-tokens", type=int, default=4096, help="the smaller step of the second table")
     parser.add_argument("--repeats", type=int, default=5)
     # One thread: on the shared 2-core machine two threads spin against other work and time 1.5-2.5x slower with
     # far more spread (measured); one thread gives stable ratios.
@@ -211,12 +231,14 @@ def main() -> None:
     headers = ["layer", "tau", "FFN share", "vanilla ms", "MoE++ ms", "speed-up", "ideal", "efficiency"]
     rows, profile_rows = sweep(T, args.repeats, SHAPES, TAUS, args.profile)
     effs = [float(r[-1]) for r in rows]
-    # The same (8+4) layer at 4x the tokens: more rows per expert, so the small-share GEMMs run closer to full speed.
-    big_rows, _ = sweep(4 * T, max(2, args.repeats // 2), SHAPES[:1], [0.1, 0.25], False)
+    # Every shape at a quarter of the step: fewer rows per expert, so the small-share GEMMs run further from full
+    # speed. Shows how efficiency depends on the step size.
+    small_T = args.small_tokens
+    small_rows, _ = sweep(small_T, args.repeats, SHAPES, [0.1, 0.25], False)
     floor_pair = build_pair(*SHAPES[0][1:])
     floor = overhead_floor_ms(floor_pair, T, args.repeats)
     del floor_pair
-    per_row = expert_ms_per_row([1024, 683, 512, 341, 171, 85], args.repeats)
+    per_row = expert_ms_per_row([4096, 2048, 1024, 683, 585, 293, 171, 146, 73], args.repeats)
 
     ckpt_rows, ckpt_desc = [], None
     if args.checkpoint is not None:
@@ -224,21 +246,15 @@ def main() -> None:
         pair = build_pair(*SHAPES[0][1:])
         x, prev = torch.randn(T, 768), torch.randn(T, 8 + pair.n_zc)
         control(pair.vanilla, balanced_assignments(T, 8, 0, 1.0))
-        van_all, measured = [], []
-        for idx in layers:
+        for i, idx in enumerate(layers):
             control(pair.moepp, idx)
-            van, pp, share = compare(pair, x, prev, args.repeats)
-            van_all += van
-            measured.append((share, pp))
-        ckpt_rows = [
-            row(f"(8+4), routing of MoE layer {i}", "trained", share, min(van_all), pp)
-            for i, (share, pp) in enumerate(measured)
-        ]
+            ckpt_rows.append(row(f"(8+4), routing of MoE layer {i}", "trained", compare(pair, x, prev, args.repeats)))
 
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), torch {torch.__version__}"
     command = "python bench/expert_forward.py" + " ".join(
         [""]
-        + ([f"--tokens {T}"] if T != 4096 else [])
+        + ([f"--tokens {T}"] if T != 16384 else [])
+        + ([f"--small-tokens {small_T}"] if small_T != 4096 else [])
         + ([f"--repeats {args.repeats}"] if args.repeats != 5 else [])
         + ([f"--threads {args.threads}"] if args.threads != 1 else [])
         + ([f"--checkpoint {args.checkpoint}"] if args.checkpoint else [])
@@ -246,24 +262,27 @@ def main() -> None:
     )
     body = (
         f"`{command}` on {machine}, {torch.get_num_threads()} thread(s), {datetime.date.today()}. One layer forward "
-        f"(no gradients) over {T} tokens (a CPU-sized step), fp32, hidden 768, FFN 2048 per expert, top-2, fastest "
-        f"of {args.repeats} alternating vanilla/MoE++ runs. The MoE++ layer has the gating residual (a layer after "
-        "the first); the vanilla twin shares its FFN expert weights. **CPU timings on a 2-core machine shared with "
-        "other work: indicative only.** GPU numbers are pending (no GPU in this session).\n\n"
+        f"(no gradients) over {T} tokens (8 sequences of the paper's length 2048), fp32, hidden 768, FFN 2048 per "
+        f"expert, top-2, fastest of {args.repeats} alternating vanilla/MoE++ runs. The MoE++ layer has the gating "
+        "residual (a layer after the first); the vanilla twin shares its FFN expert weights. **CPU timings on a "
+        "2-core machine shared with other work: indicative only.** GPU numbers are pending (no GPU in this "
+        "session).\n\n"
         "Controlled routing: FFN share = tau N_ffn / (tau N_ffn + N_zc) exactly (spec §4), evenly spread over "
-        "experts; ideal = 1 / FFN share; efficiency = speed-up / ideal. Vanilla ms = the fastest of all vanilla runs "
-        "at that shape (it does the same work at every tau; its runs alternate with every MoE++ run), so noise "
-        "can only lower a speed-up: the efficiencies below are conservative.\n\n"
+        "experts; ideal = 1 / FFN share; efficiency = speed-up / ideal. ms columns: the fastest run of each; "
+        "speed-up: the median over the back-to-back (vanilla, MoE++) pairs of vanilla ms / MoE++ ms (the load of "
+        "this shared machine drifts over minutes; both runs of a pair see the same load).\n\n"
         f"{markdown_table(headers, rows)}\n\n"
         f"Efficiency min {min(effs):.2f}, max {max(effs):.2f} (target >= 0.9 at every tau). The paper's Table 3 "
         "(GPU, expert forward): (8+4) +164.5% / +92.7% / +38.2% / +25.2% / +19.1%, (16+4) +111.2% / "
         "+58.7% / +30.1% / +22.1% / +15.2%, (32+8) +63.5% / +44.3% / +28.3% / +21.8% / +15.7% at tau 0.1 / 0.25 / "
         "0.5 / 0.75 / 1.0.\n\n"
-        f"Same (8+4) layer at {4 * T} tokens (fastest of {max(2, args.repeats // 2)}):\n\n"
-        f"{markdown_table(headers, big_rows)}\n\n"
-        "Why small FFN shares lose efficiency here: one SwiGLU expert (768 -> 2x2048 -> 768) costs more per row "
-        "when it gets fewer rows (CPU GEMM efficiency; at tau 0.1 the (8+4) experts get ~171 rows each instead of "
-        f"1024):\n\n{markdown_table(['rows', 'ms', 'us / row', 'GFLOP/s'], per_row)}\n\n"
+        f"A smaller step, {small_T} tokens, at the two smallest taus (fastest of {args.repeats}):\n\n"
+        f"{markdown_table(headers, small_rows)}\n\n"
+        "Why small FFN shares lose efficiency, more so in a smaller step: one SwiGLU expert (768 -> 2x2048 -> 768) "
+        "costs more per row when it gets fewer rows (CPU GEMM efficiency; each expert streams its 18.9 MB of "
+        f"weights whatever its row count). Rows per expert at {T} tokens, vanilla / MoE++ at tau 0.1: "
+        f"{rows_per_expert(T)}; at {small_T} tokens: {rows_per_expert(small_T)}."
+        f"\n\n{markdown_table(['rows', 'ms', 'us / row', 'GFLOP/s'], per_row)}\n\n"
         f"Fixed cost of the (8+4) MoE++ layer with no FFN assignment at all (router with gating residual, "
         f"copy/constant experts, sort, combine): {floor:.1f} ms for {T} tokens."
     )
