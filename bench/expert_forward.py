@@ -33,11 +33,24 @@ from bench.routing import SHAPES, TAUS, LayerPair, balanced_assignments, build_p
 from model.moe import MoELayer
 
 
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (the grouped-GEMM expert path runs in bf16), nothing on CPU (fp32)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()  # host-device sync: a timing needs the kernels finished
+
+
 @torch.no_grad()
 def forward_ms(layer: MoELayer, x: torch.Tensor, prev: torch.Tensor | None) -> tuple[float, float]:
     """(milliseconds of one forward, measured FFN share of its assignments)."""
+    sync(x.device)
     t = time.perf_counter()
-    _, _, _, stats = layer(x, prev)
+    with autocast(x.device):
+        _, _, _, stats = layer(x, prev)
+    sync(x.device)
     ms = (time.perf_counter() - t) * 1e3
     counts = stats.expert_counts_E
     return ms, float(counts[: layer.num_ffn].sum() / counts.sum())
@@ -122,18 +135,24 @@ def checkpoint_routing(step_dir: Path, num_tokens: int) -> tuple[list[np.ndarray
     return [r[:num_tokens].numpy() for r in routes], desc
 
 
-def expert_ms_per_row(rows: list[int], repeats: int) -> list[list[str]]:
+def expert_ms_per_row(rows: list[int], repeats: int, device: torch.device) -> list[list[str]]:
     """One SwiGLU expert (768 -> 2x2048 -> 768) over M rows: ms and microseconds per row. Explains efficiency at
     small FFN shares: fewer rows per expert run the GEMMs less efficiently."""
     from model.experts import FFNExperts
 
-    experts = FFNExperts(1, 768, 2048)
+    experts = FFNExperts(1, 768, 2048).to(device)
     out = []
+
+    def run(x: torch.Tensor, m: int) -> None:
+        with autocast(device):
+            experts(x, [m])
+        sync(device)
+
     with torch.no_grad():
         for m in rows:
-            x = torch.randn(m, 768)
-            experts(x, [m])
-            best = min(_time(lambda x=x, m=m: experts(x, [m])) for _ in range(repeats))
+            x = torch.randn(m, 768, device=device)
+            run(x, m)
+            best = min(_time(lambda x=x, m=m: run(x, m)) for _ in range(repeats))
             out.append([str(m), f"{best * 1e3:.1f}", f"{best / m * 1e6:.0f}", f"{6 * 768 * 2048 * m / best / 1e9:.0f}"])
     return out
 
@@ -159,13 +178,22 @@ def profile(name: str, pair: LayerPair, x: torch.Tensor, prev: torch.Tensor, sha
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
+    cuda = x.device.type == "cuda"
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
     runs: dict[str, list[dict[str, float]]] = {"vanilla": [], "moepp": []}
     with torch.no_grad():
         for _ in range(3):
             for key, layer, p in (("vanilla", pair.vanilla, None), ("moepp", pair.moepp, prev)):
-                with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                with torch_profile(activities=activities) as prof, autocast(x.device):
                     layer(x, p)
-                runs[key].append({e.key: e.self_cpu_time_total / 1e3 for e in prof.key_averages()})
+                    sync(x.device)
+                # On a GPU the device time per kernel is what counts; on CPU the op's own CPU time.
+                runs[key].append(
+                    {
+                        e.key: (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3
+                        for e in prof.key_averages()
+                    }
+                )
     van, pp = (min(runs[k], key=lambda d: sum(d.values())) for k in ("vanilla", "moepp"))
     ops = sorted(set(van) | set(pp), key=lambda k: pp.get(k, 0) - share * van.get(k, 0), reverse=True)
     rows = [
@@ -179,25 +207,25 @@ def profile(name: str, pair: LayerPair, x: torch.Tensor, prev: torch.Tensor, sha
     return rows
 
 
-def overhead_floor_ms(pair: LayerPair, T: int, repeats: int) -> float:
+def overhead_floor_ms(pair: LayerPair, T: int, repeats: int, device: torch.device) -> float:
     """The MoE++ layer with every assignment on zero-computation experts: its per-token cost without any FFN work
     (router, copy/constant experts, sort, combine)."""
     control(pair.moepp, balanced_assignments(T, pair.n_ffn, pair.n_zc, 0.0))
-    x, prev = torch.randn(T, 768), torch.randn(T, pair.n_ffn + pair.n_zc)
+    x, prev = torch.randn(T, 768, device=device), torch.randn(T, pair.n_ffn + pair.n_zc, device=device)
     forward_ms(pair.moepp, x, prev)
     return min(forward_ms(pair.moepp, x, prev)[0] for _ in range(repeats))
 
 
-def sweep(T: int, repeats: int, shapes: list, taus: list[float], profile_first: bool) -> tuple[list, list]:
+def sweep(
+    T: int, repeats: int, shapes: list, taus: list[float], profile_first: bool, device: torch.device
+) -> tuple[list, list]:
     """Rows of the controlled-routing table, and (if asked) the op profile of each shape at its first tau."""
     rows, profile_rows = [], []
     for name, n_ffn, n_zero, n_copy, n_const in shapes:
-        pair = build_pair(n_ffn, n_zero, n_copy, n_const)
-        x = torch.randn(T, 768)
-        prev = torch.randn(T, n_ffn + pair.n_zc)
+        pair = build_pair(n_ffn, n_zero, n_copy, n_const).to(device)
+        x = torch.randn(T, 768, device=device)
+        prev = torch.randn(T, n_ffn + pair.n_zc, device=device)
         control(pair.vanilla, balanced_assignments(T, n_ffn, 0, 1.0))
-        # The vanilla layer does the same work at every tau, so its baseline is the fastest of all its runs at
-        # this shape (interleaved with every MoE++ run): one slow patch of the machine cannot inflate a speed-up.
         for tau in taus:
             share = ffn_share(tau, n_ffn, pair.n_zc)
             control(pair.moepp, balanced_assignments(T, n_ffn, pair.n_zc, share))
@@ -223,50 +251,62 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     parser.add_argument("--checkpoint", type=Path, default=None, help="trained (8+4) checkpoint to replay")
     parser.add_argument("--profile", action="store_true", help="op profile of every shape at tau 0.1")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--no-write", action="store_true", help="print only, leave docs/benchmarks.md alone")
     args = parser.parse_args()
-    if args.threads:
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
     T = args.tokens
     headers = ["layer", "tau", "FFN share", "vanilla ms", "MoE++ ms", "speed-up", "ideal", "efficiency"]
-    rows, profile_rows = sweep(T, args.repeats, SHAPES, TAUS, args.profile)
+    rows, profile_rows = sweep(T, args.repeats, SHAPES, TAUS, args.profile, device)
     effs = [float(r[-1]) for r in rows]
     # Every shape at a quarter of the step: fewer rows per expert, so the small-share GEMMs run further from full
     # speed. Shows how efficiency depends on the step size.
     small_T = args.small_tokens
-    small_rows, _ = sweep(small_T, args.repeats, SHAPES, [0.1, 0.25], False)
-    floor_pair = build_pair(*SHAPES[0][1:])
-    floor = overhead_floor_ms(floor_pair, T, args.repeats)
+    small_rows, _ = sweep(small_T, args.repeats, SHAPES, [0.1, 0.25], False, device)
+    floor_pair = build_pair(*SHAPES[0][1:]).to(device)
+    floor = overhead_floor_ms(floor_pair, T, args.repeats, device)
     del floor_pair
-    per_row = expert_ms_per_row([4096, 2048, 1024, 683, 585, 293, 171, 146, 73], args.repeats)
+    per_row = expert_ms_per_row([4096, 2048, 1024, 683, 585, 293, 171, 146, 73], args.repeats, device)
 
     ckpt_rows, ckpt_desc = [], None
     if args.checkpoint is not None:
         layers, ckpt_desc = checkpoint_routing(args.checkpoint, T)
-        pair = build_pair(*SHAPES[0][1:])
-        x, prev = torch.randn(T, 768), torch.randn(T, 8 + pair.n_zc)
+        pair = build_pair(*SHAPES[0][1:]).to(device)
+        x, prev = torch.randn(T, 768, device=device), torch.randn(T, 8 + pair.n_zc, device=device)
         control(pair.vanilla, balanced_assignments(T, 8, 0, 1.0))
         for i, idx in enumerate(layers):
             control(pair.moepp, idx)
             ckpt_rows.append(row(f"(8+4), routing of MoE layer {i}", "trained", compare(pair, x, prev, args.repeats)))
 
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), torch {torch.__version__}"
+    if device.type == "cuda":
+        machine = f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 autocast (grouped GEMM experts)"
+        caveat = ""
+    else:
+        machine = (
+            f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), torch {torch.__version__}, "
+            f"{torch.get_num_threads()} thread(s), fp32"
+        )
+        caveat = (
+            " **CPU timings on a 2-core machine shared with other work: indicative only.** GPU numbers: the "
+            "'Expert forward (GPU)' section, pending until a session has a GPU."
+        )
     command = "python bench/expert_forward.py" + " ".join(
         [""]
         + ([f"--tokens {T}"] if T != 16384 else [])
         + ([f"--small-tokens {small_T}"] if small_T != 4096 else [])
         + ([f"--repeats {args.repeats}"] if args.repeats != 5 else [])
         + ([f"--threads {args.threads}"] if args.threads != 1 else [])
+        + ([f"--device {args.device}"] if args.device != "auto" else [])
         + ([f"--checkpoint {args.checkpoint}"] if args.checkpoint else [])
         + (["--profile"] if args.profile else [])
     )
     body = (
-        f"`{command}` on {machine}, {torch.get_num_threads()} thread(s), {datetime.date.today()}. One layer forward "
-        f"(no gradients) over {T} tokens (8 sequences of the paper's length 2048), fp32, hidden 768, FFN 2048 per "
-        f"expert, top-2, fastest of {args.repeats} alternating vanilla/MoE++ runs. The MoE++ layer has the gating "
-        "residual (a layer after the first); the vanilla twin shares its FFN expert weights. **CPU timings on a "
-        "2-core machine shared with other work: indicative only.** GPU numbers are pending (no GPU in this "
-        "session).\n\n"
+        f"`{command}` on {machine}, {datetime.date.today()}. One layer forward "
+        f"(no gradients) over {T} tokens (8 sequences of the paper's length 2048), hidden 768, FFN 2048 per "
+        f"expert, top-2, {args.repeats} back-to-back vanilla/MoE++ pairs. The MoE++ layer has the gating "
+        f"residual (a layer after the first); the vanilla twin shares its FFN expert weights.{caveat}\n\n"
         "Controlled routing: FFN share = tau N_ffn / (tau N_ffn + N_zc) exactly (spec §4), evenly spread over "
         "experts; ideal = 1 / FFN share; efficiency = speed-up / ideal. ms columns: the fastest run of each; "
         "speed-up: the median over the back-to-back (vanilla, MoE++) pairs of vanilla ms / MoE++ ms (the load of "
@@ -279,8 +319,8 @@ def main() -> None:
         f"A smaller step, {small_T} tokens, at the two smallest taus (fastest of {args.repeats}):\n\n"
         f"{markdown_table(headers, small_rows)}\n\n"
         "Why small FFN shares lose efficiency, more so in a smaller step: one SwiGLU expert (768 -> 2x2048 -> 768) "
-        "costs more per row when it gets fewer rows (CPU GEMM efficiency; each expert streams its 18.9 MB of "
-        f"weights whatever its row count). Rows per expert at {T} tokens, vanilla / MoE++ at tau 0.1: "
+        "costs more per row when it gets fewer rows (GEMM efficiency; each expert streams all of its weights "
+        f"whatever its row count). Rows per expert at {T} tokens, vanilla / MoE++ at tau 0.1: "
         f"{rows_per_expert(T)}; at {small_T} tokens: {rows_per_expert(small_T)}."
         f"\n\n{markdown_table(['rows', 'ms', 'us / row', 'GFLOP/s'], per_row)}\n\n"
         f"Fixed cost of the (8+4) MoE++ layer with no FFN assignment at all (router with gating residual, "
@@ -294,14 +334,17 @@ def main() -> None:
         )
     if profile_rows:
         prof_headers = ["layer", "op", "vanilla ms", "share x vanilla", "MoE++ ms", "excess ms"]
+        clock = "device" if device.type == "cuda" else "CPU"
         body += (
-            "\n\nWhere the MoE++ layer's time goes at tau 0.1 (torch.profiler self CPU time of one forward, fastest "
-            "of 3 each; excess = MoE++ - share x vanilla, the time beyond the ideal; top 5 ops by excess):\n\n"
+            f"\n\nWhere the MoE++ layer's time goes at tau 0.1 (torch.profiler self {clock} time of one "
+            "forward, fastest of 3 each; excess = MoE++ - share x vanilla, the time beyond the ideal; top 5 ops "
+            "by excess):\n\n"
             f"{markdown_table(prof_headers, profile_rows)}"
         )
     print(body)
     if not args.no_write:
-        write_section("Expert forward (MoE++ vs vanilla layer, CPU)", body)
+        where = "GPU" if device.type == "cuda" else "CPU"
+        write_section(f"Expert forward (MoE++ vs vanilla layer, {where})", body)
 
 
 if __name__ == "__main__":

@@ -109,6 +109,11 @@ class LayerPair:
     n_ffn: int
     n_zc: int
 
+    def to(self, device: torch.device | str) -> LayerPair:
+        self.moepp.to(device)
+        self.vanilla.to(device)
+        return self
+
 
 def build_pair(n_ffn: int, n_zero: int, n_copy: int, n_const: int, seed: int = 0) -> LayerPair:
     torch.manual_seed(seed)
