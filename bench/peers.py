@@ -233,13 +233,24 @@ def main() -> None:
         if device.type == "cuda"
         else f"CPU ({platform.machine()}, {os.cpu_count()} cores shared, {torch.get_num_threads()} thread(s)), fp32"
     )
+    extra = "".join(
+        [f" --tokens {args.tokens}"] * (args.tokens != 4096)
+        + [f" --repeats {args.repeats}"] * (args.repeats != 3)
+        + [f" --device {args.device}"] * (args.device != "auto")
+    )
     body = (
-        f"`python bench/peers.py` on {where}, torch {torch.__version__}, deepspeed {versions['deepspeed']}, "
+        f"`python bench/peers.py{extra}` on {where}, torch {torch.__version__}, deepspeed {versions['deepspeed']}, "
         f"megatron-core {versions['megatron.core']}, {datetime.date.today()}. One layer, {args.tokens} tokens, "
         f"hidden 768, SwiGLU experts of width 2048, top-2, dropless, identical router and expert weights; fastest of "
         f"{args.repeats} alternating rounds after a warm-up. `peer/ours` = the peer's time over ours: > 1 means "
-        "ours is faster. **CPU timings on a 2-core machine shared with other work: indicative only.** GPU numbers "
-        f"are pending (no GPU in this session).\n\n{markdown_table(headers, rows)}\n\n"
+        "ours is faster."
+        + (
+            ""
+            if device.type == "cuda"
+            else " **CPU timings on a 2-core machine shared with other work: indicative only.** GPU numbers: the "
+            "'Peers (GPU)' section, pending until a session has a GPU."
+        )
+        + f"\n\n{markdown_table(headers, rows)}\n\n"
         "DeepSpeed runs with `drop_tokens=False` (capacity = the largest expert's load), `use_rts=False` and "
         "`top2_2nd_expert_sampling=False` so that it routes like ours; it dispatches with dense one-hot einsums over "
         "[tokens, experts, capacity] and runs every expert on a capacity-padded block.\n\n"
@@ -251,7 +262,8 @@ def main() -> None:
     )
     print(body)
     if not args.no_write:
-        write_section("Peers (vanilla MoE layer vs DeepSpeed and megatron-core)", body)
+        title = "Peers (vanilla MoE layer vs DeepSpeed and megatron-core)"
+        write_section(title if device.type == "cpu" else "Peers (GPU)", body)
 
 
 if __name__ == "__main__":

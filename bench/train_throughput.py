@@ -198,19 +198,26 @@ def main() -> None:
         + [f"--steps {args.steps}"] * (args.steps != 3)
         + [f"--warmup {args.warmup}"] * (args.warmup != 1)
     )
+    on_gpu = device == "cuda"
+    caveat = (
+        "MFU target: >= 45% on one H100 for the 0.6B/(8+4)E preset."
+        if on_gpu
+        else "**CPU numbers on a 2-core machine shared with other work; GPU numbers (MFU; target >= 45% on one H100 "
+        "for the 0.6B/(8+4)E preset) are pending: no GPU in this session.**"
+    )
+    precision = "bf16 autocast (the presets' train.dtype)" if on_gpu else "fp32 on CPU"
     body = (
         f"`python bench/train_throughput.py{' ' + extra if extra else ''}` on {where}, {platform.machine()} with "
-        f"{os.cpu_count()} cores (shared), torch {torch.__version__}, fp32 on CPU, {datetime.date.today()}; mean of "
+        f"{os.cpu_count()} cores, torch {torch.__version__}, {precision}, {datetime.date.today()}; mean of "
         f"{args.steps} timed steps after {args.warmup} warm-up steps, synthetic corpus, freshly initialised models "
         "(so routing is that of initialisation). `moepp-0.6b-2layer` = configs/moepp-0.6b.yaml with 2 layers, "
-        "sequences of 256 and 4 sequences per step; `moe-0.6b-2layer` is its vanilla twin. **CPU numbers on a "
-        "2-core machine shared with other work; GPU "
-        "numbers (MFU; target >= 45% on one H100 for the 0.6B/(8+4)E preset) are pending: no GPU in this "
-        f"session.**\n\n{markdown_table(headers, [fmt_row(r) for r in results])}\n\n{FORMULA}"
+        "sequences of 256 and 4 sequences per step; `moe-0.6b-2layer` is its vanilla twin; `moepp-0.6b` the full "
+        f"preset with 4 sequences of 2048 per step. {caveat}\n\n"
+        f"{markdown_table(headers, [fmt_row(r) for r in results])}\n\n{FORMULA}"
     )
     print(body)
     if not args.no_write:
-        write_section("Training throughput and MFU", body)
+        write_section("Training throughput and MFU" + (" (GPU)" if on_gpu else ""), body)
 
 
 if __name__ == "__main__":

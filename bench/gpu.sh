@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Issue 9's GPU measurements in one call on a lent GPU machine (the device tool runs it in the repository root):
+#   bash bench/gpu.sh
+# Each benchmark rewrites its own section of docs/benchmarks.md; the logs and the updated file are copied to $OUT
+# (the device tool brings that folder back). Every step has its own time limit so one slow step cannot eat the
+# others' (the device tool allows 10 minutes a call).
+set -u
+OUT=${OUT:-/tmp/bench-gpu}
+mkdir -p "$OUT"
+nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
+python -c "import torch; print(torch.__version__, torch.cuda.get_device_name())" | tee "$OUT/torch.txt"
+timeout 240 python bench/expert_forward.py --device cuda --repeats 10 --profile 2>&1 | tee "$OUT/expert_forward.log"
+timeout 90 python bench/peers.py --device cuda --repeats 5 2>&1 | tee "$OUT/peers.log"
+timeout 200 python bench/train_throughput.py --device cuda --presets moepp-0.6b --steps 10 --warmup 3 2>&1 |
+    tee "$OUT/train_throughput.log"
+cp docs/benchmarks.md "$OUT/benchmarks.md"
