@@ -132,7 +132,11 @@ def checkpoint_routing(step_dir: Path, num_tokens: int) -> tuple[list[np.ndarray
     layout = (m.num_experts, m.num_zero_experts, m.num_copy_experts, m.num_constant_experts)
     if layout != (8, 1, 1, 2):
         raise SystemExit(f"{step_dir}: replay needs the (8+4) expert layout 8/1/1/2, the checkpoint has {layout}")
-    return [r[:num_tokens].numpy() for r in routes], desc
+    got = routes[0].shape[0]
+    if got < num_tokens:
+        # A small validation split: its routing is repeated (cyclically) up to the step size.
+        desc += f", {got} distinct validation tokens repeated to {num_tokens}"
+    return [np.resize(r.numpy(), (num_tokens, r.shape[1])) for r in routes], desc
 
 
 def expert_ms_per_row(rows: list[int], repeats: int, device: torch.device) -> list[list[str]]:
@@ -258,6 +262,8 @@ def main() -> None:
     if device.type == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
     T = args.tokens
+    # The checkpoint first: a bad one should fail before the long sweep, not after it.
+    ckpt = checkpoint_routing(args.checkpoint, T) if args.checkpoint is not None else None
     headers = ["layer", "tau", "FFN share", "vanilla ms", "MoE++ ms", "speed-up", "ideal", "efficiency"]
     rows, profile_rows = sweep(T, args.repeats, SHAPES, TAUS, args.profile, device)
     effs = [float(r[-1]) for r in rows]
@@ -271,8 +277,8 @@ def main() -> None:
     per_row = expert_ms_per_row([4096, 2048, 1024, 683, 585, 293, 171, 146, 73], args.repeats, device)
 
     ckpt_rows, ckpt_desc = [], None
-    if args.checkpoint is not None:
-        layers, ckpt_desc = checkpoint_routing(args.checkpoint, T)
+    if ckpt is not None:
+        layers, ckpt_desc = ckpt
         pair = build_pair(*SHAPES[0][1:]).to(device)
         x, prev = torch.randn(T, 768, device=device), torch.randn(T, 8 + pair.n_zc, device=device)
         control(pair.vanilla, balanced_assignments(T, 8, 0, 1.0))
@@ -328,7 +334,7 @@ def main() -> None:
     )
     if ckpt_rows:
         body += (
-            f"\n\nTrained routing: the top-2 choices of every MoE layer of {ckpt_desc} on {T} validation tokens, "
+            f"\n\nTrained routing: the top-2 choices of every MoE layer of {ckpt_desc} ({T} tokens), "
             "replayed on the (8+4) layer at the paper's shape (same expert layout; the vanilla twin stays evenly "
             f"loaded).\n\n{markdown_table(headers, ckpt_rows)}"
         )
