@@ -218,7 +218,12 @@ def main() -> None:
         f"(mean {sum(errors) / len(errors):+.0%}). What moves a time ratio off the share: a fixed cost per call "
         "that does not shrink with the volume (the count exchange, the host sync that sizes the splits, Python "
         "bookkeeping), which pushes small shares above the line, and scheduling noise of up to 4 gloo processes "
-        "on 2 shared cores. The byte counts are the exact result; NCCL times need a multi-GPU machine (pending).\n"
+        "on 2 shared cores. Ratios below the share come from the CPU allocator: the vanilla layer's larger "
+        "buffers are above glibc's mmap threshold, so every call page-faults them in afresh and pays more per "
+        "byte (a diagnostic run on 2026-11-22 with MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 "
+        "moved the ep=2 deviations to +1% .. +39%, mean +11%, 10/15 within 10%: what is left is the fixed cost). "
+        "The byte counts are the exact result; NCCL times need a machine with at least 2 GPUs (the lent GPU "
+        "machines have one; NCCL refuses two ranks on one GPU): pending.\n"
     )
     print(body)
     if not args.no_write:
