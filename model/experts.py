@@ -44,17 +44,7 @@ class FFNExperts(nn.Module):
         """x_AD holds the rows of expert 0, then expert 1, ... (counts in tokens_per_expert, a host list)."""
         if _grouped_mm_usable(x_AD):
             return self._grouped(x_AD, tokens_per_expert)
-        outs = []
-        # Empty experts still run on their zero-row slice: that gives them an all-zero gradient instead of None,
-        # so every optimizer and gradient reduction sees the same parameters whatever the routing.
-        # unbind once: indexing w_up[e] per expert would make each backward build a zero gradient of the whole
-        # stacked weight (cost quadratic in the number of experts: 13.1 s vs 1.9 s for 32 experts, bench/peers.py).
-        for x_e, w_up, w_down in zip(
-            torch.split(x_AD, tokens_per_expert), self.w_up.unbind(0), self.w_down.unbind(0), strict=True
-        ):
-            gate, up = F.linear(x_e, w_up).chunk(2, dim=-1)
-            outs.append(F.linear(F.silu(gate) * up, w_down))
-        return torch.cat(outs)
+        return LoopedSwiGLU.apply(x_AD, self.w_up, self.w_down, tokens_per_expert)
 
     def _grouped(self, x_AD: Tensor, tokens_per_expert: list[int]) -> Tensor:
         dtype = _compute_dtype(x_AD)
@@ -63,6 +53,63 @@ class FFNExperts(nn.Module):
         h = torch._grouped_mm(x, self.w_up.to(dtype).transpose(-2, -1), offs=offs)
         gate, up = h.chunk(2, dim=-1)
         return torch._grouped_mm((F.silu(gate) * up).contiguous(), self.w_down.to(dtype).transpose(-2, -1), offs=offs)
+
+
+class LoopedSwiGLU(torch.autograd.Function):
+    """The experts as one autograd node: a loop over experts (never over tokens) of plain GEMMs whose results land
+    in slices of preallocated buffers, forward and backward. Autograd over a per-expert graph instead builds each
+    expert's weight gradient on its own and then stacks them (unbind backward: a copy of every expert weight),
+    concatenates the row blocks (split/cat backward) and the gate/up halves (chunk backward): bench/peers.py
+    measured those copies as the gap to DeepSpeed's per-expert modules. Saved for backward: the input and the
+    [A, 2F] pre-activation only; silu(gate) * up is recomputed (an elementwise pass) rather than stored.
+
+    Empty experts get a zero gradient (a GEMM over zero rows writes zeros), not None, so every optimizer and
+    gradient reduction sees the same parameters whatever the routing. (Indexing w_up[e] per expert in an autograd
+    graph instead would build a zero gradient of the whole stacked weight per expert: quadratic, 13.1 s vs 1.9 s
+    for 32 experts.)"""
+
+    @staticmethod
+    def forward(ctx, x_AD: Tensor, w_up: Tensor, w_down: Tensor, tokens_per_expert: list[int]) -> Tensor:
+        F_ = w_down.shape[-1]
+        x_AD = x_AD.contiguous()
+        h_AH = x_AD.new_empty(x_AD.shape[0], 2 * F_)
+        y_AD = x_AD.new_empty(x_AD.shape[0], w_down.shape[1])
+        start = 0
+        for e, n in enumerate(tokens_per_expert):
+            rows = slice(start, start + n)
+            start += n
+            torch.mm(x_AD[rows], w_up[e].t(), out=h_AH[rows])
+            act = F.silu(h_AH[rows, :F_]) * h_AH[rows, F_:]
+            torch.mm(act, w_down[e].t(), out=y_AD[rows])
+        ctx.save_for_backward(x_AD, w_up, w_down, h_AH)
+        ctx.tokens_per_expert = tokens_per_expert
+        return y_AD
+
+    @staticmethod
+    def backward(ctx, grad_y_AD: Tensor) -> tuple[Tensor | None, Tensor, Tensor, None]:
+        x_AD, w_up, w_down, h_AH = ctx.saved_tensors
+        F_ = w_down.shape[-1]
+        grad_y_AD = grad_y_AD.contiguous()
+        grad_x = torch.empty_like(x_AD) if ctx.needs_input_grad[0] else None
+        grad_w_up, grad_w_down = torch.empty_like(w_up), torch.empty_like(w_down)
+        start = 0
+        for e, n in enumerate(ctx.tokens_per_expert):
+            rows = slice(start, start + n)
+            start += n
+            gate, up = h_AH[rows, :F_], h_AH[rows, F_:]
+            sig = torch.sigmoid(gate)
+            silu = gate * sig
+            g = grad_y_AD[rows]
+            torch.mm(g.t(), silu * up, out=grad_w_down[e])
+            grad_act = g @ w_down[e]
+            grad_h = torch.empty_like(h_AH[rows])
+            torch.mul(grad_act, silu, out=grad_h[:, F_:])
+            # d silu(z)/dz = sig(z) * (1 + z * (1 - sig(z)))
+            torch.mul(grad_act * up, sig * (1 + gate * (1 - sig)), out=grad_h[:, :F_])
+            torch.mm(grad_h.t(), x_AD[rows], out=grad_w_up[e])
+            if grad_x is not None:
+                torch.mm(grad_h, w_up[e], out=grad_x[rows])
+        return grad_x, grad_w_up, grad_w_down, None
 
 
 class ConstantExperts(nn.Module):

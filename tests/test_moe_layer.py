@@ -57,6 +57,36 @@ def test_ffn_experts_grouped_rows_match_per_expert_swiglu():
     assert experts.w_up.grad[0].abs().sum() > 0
 
 
+def test_ffn_experts_gradients_match_autograd_reference():
+    # The CPU path is a hand-written autograd node (model.experts.LoopedSwiGLU): every gradient must equal autograd
+    # through the plain per-expert formula, empty experts (first, middle, last) included.
+    torch.manual_seed(0)
+    experts = FFNExperts(5, hidden_size=6, ffn_hidden_size=7)
+    torch.nn.init.normal_(experts.w_up)
+    torch.nn.init.normal_(experts.w_down)
+    counts = [0, 3, 0, 5, 0]
+    x = torch.randn(8, 6, requires_grad=True)
+    grad_out = torch.randn(8, 6)
+    (experts(x, counts) * grad_out).sum().backward()
+
+    x_ref = x.detach().clone().requires_grad_(True)
+    w_up = experts.w_up.detach().clone().requires_grad_(True)
+    w_down = experts.w_down.detach().clone().requires_grad_(True)
+    y_ref = torch.cat([swiglu(x_ref[:3], w_up[1], w_down[1]), swiglu(x_ref[3:], w_up[3], w_down[3])])
+    (y_ref * grad_out).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, **TOL)
+    torch.testing.assert_close(experts.w_up.grad, w_up.grad, **TOL)
+    torch.testing.assert_close(experts.w_down.grad, w_down.grad, **TOL)
+    for e in (0, 2, 4):
+        assert experts.w_up.grad[e].abs().sum() == 0 and experts.w_down.grad[e].abs().sum() == 0
+    # No rows at all: still a zero gradient for every expert, and an empty output.
+    experts.zero_grad(set_to_none=True)
+    y = experts(torch.randn(0, 6, requires_grad=True), [0] * 5)
+    assert y.shape == (0, 6)
+    y.sum().backward()
+    assert experts.w_up.grad is not None and experts.w_up.grad.abs().sum() == 0
+
+
 def test_constant_expert_formula_by_hand():
     const = ConstantExperts(1, hidden_size=2)
     with torch.no_grad():
