@@ -18,6 +18,7 @@ import datetime
 import os
 import platform
 import socket
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -203,25 +204,27 @@ def main() -> None:
                 impls[name] = str(e)
             except Exception as e:  # a peer that breaks is a finding, not a crash of the benchmark
                 impls[name] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
-        best: dict[str, list[float]] = {
-            k: [float("inf"), float("inf")] for k, v in impls.items() if isinstance(v, tuple)
-        }
+        # times[name][j]: every timed run of forward (j=0) / forward+backward (j=1).
+        times: dict[str, list[list[float]]] = {k: [[], []] for k, v in impls.items() if isinstance(v, tuple)}
         for rep in range(args.repeats + 1):  # the first round warms up; implementations alternate
-            for name in best:
+            for name in times:
                 forward, params = impls[name]
                 for j, backward in enumerate((False, True)):
                     with amp or torch.autocast("cpu", enabled=False):
                         ms = time_once(forward, params, x, backward)
                     if rep:
-                        best[name][j] = min(best[name][j], ms)
-            print(f"{n} experts, round {rep}: {best}", flush=True)
-        ref = best["ours (model.moe.MoELayer)"]
+                        times[name][j].append(ms)
+            fastest = {k: [round(min(v[j], default=0)) for j in (0, 1)] for k, v in times.items()}
+            print(f"{n} experts, round {rep}: fastest fwd / fwd+bwd ms {fastest}", flush=True)
+        ref = times["ours (model.moe.MoELayer)"]
         for name, impl in impls.items():
             if isinstance(impl, str):
                 rows.append([f"{n}", name, impl, "", "", ""])
                 continue
-            fwd, fb = best[name]
-            rows.append([f"{n}", name, f"{fwd:.0f}", f"{fb:.0f}", f"{fwd / ref[0]:.2f}", f"{fb / ref[1]:.2f}"])
+            # Ratios per round (runs of one round are back to back, so the machine's drifting load cancels), median.
+            ratio = [statistics.median(p / o for p, o in zip(times[name][j], ref[j], strict=True)) for j in (0, 1)]
+            fwd, fb = min(times[name][0]), min(times[name][1])
+            rows.append([f"{n}", name, f"{fwd:.0f}", f"{fb:.0f}", f"{ratio[0]:.2f}", f"{ratio[1]:.2f}"])
     for module in ("deepspeed", "megatron.core"):
         try:
             versions[module] = __import__(module, fromlist=["__version__"]).__version__
@@ -241,9 +244,9 @@ def main() -> None:
     body = (
         f"`python bench/peers.py{extra}` on {where}, torch {torch.__version__}, deepspeed {versions['deepspeed']}, "
         f"megatron-core {versions['megatron.core']}, {datetime.date.today()}. One layer, {args.tokens} tokens, "
-        f"hidden 768, SwiGLU experts of width 2048, top-2, dropless, identical router and expert weights; fastest of "
-        f"{args.repeats} alternating rounds after a warm-up. `peer/ours` = the peer's time over ours: > 1 means "
-        "ours is faster."
+        f"hidden 768, SwiGLU experts of width 2048, top-2, dropless, identical router and expert weights; "
+        f"{args.repeats} rounds after a warm-up, each running every implementation back to back; ms = fastest run. "
+        "`peer/ours` = median over the rounds of the peer's time over ours: > 1 means ours is faster."
         + (
             ""
             if device.type == "cuda"

@@ -97,15 +97,14 @@ class LoopedSwiGLU(torch.autograd.Function):
             rows = slice(start, start + n)
             start += n
             gate, up = h_AH[rows, :F_], h_AH[rows, F_:]
-            sig = torch.sigmoid(gate)
-            silu = gate * sig
+            silu = F.silu(gate)
             g = grad_y_AD[rows]
             torch.mm(g.t(), silu * up, out=grad_w_down[e])
             grad_act = g @ w_down[e]
             grad_h = torch.empty_like(h_AH[rows])
             torch.mul(grad_act, silu, out=grad_h[:, F_:])
-            # d silu(z)/dz = sig(z) * (1 + z * (1 - sig(z)))
-            torch.mul(grad_act * up, sig * (1 + gate * (1 - sig)), out=grad_h[:, :F_])
+            # aten's fused silu derivative (what autograd's SiluBackward runs), written into the gate half.
+            torch.ops.aten.silu_backward.grad_input(grad_act * up, gate, grad_input=grad_h[:, :F_])
             torch.mm(grad_h.t(), x_AD[rows], out=grad_w_up[e])
             if grad_x is not None:
                 torch.mm(grad_h, w_up[e], out=grad_x[rows])
