@@ -89,7 +89,7 @@ def row(label: str, tau: str, t: Timing) -> list[str]:
         f"{t.pp_ms:.0f}",
         f"{speedup:.2f}x ({(speedup - 1) * 100:+.0f}%)",
         f"{bound:.2f}x",
-        f"{speedup / bound:.2f}",
+        f"{speedup / bound:.3f}",
     ]
 
 
@@ -222,9 +222,10 @@ def overhead_floor_ms(pair: LayerPair, T: int, repeats: int, device: torch.devic
 
 def sweep(
     T: int, repeats: int, shapes: list, taus: list[float], profile_first: bool, device: torch.device
-) -> tuple[list, list]:
+) -> tuple[list, list, list]:
     """Rows of the controlled-routing table, and (if asked) the op profile of each shape at its first tau."""
     rows, profile_rows = [], []
+    efficiencies = []
     for name, n_ffn, n_zero, n_copy, n_const in shapes:
         pair = build_pair(n_ffn, n_zero, n_copy, n_const).to(device)
         x = torch.randn(T, 768, device=device)
@@ -235,13 +236,14 @@ def sweep(
             control(pair.moepp, balanced_assignments(T, n_ffn, pair.n_zc, share))
             timing = compare(pair, x, prev, repeats)
             rows.append(row(name, str(tau), timing))
+            efficiencies.append(timing.speedup * timing.share)  # speed-up / (1 / share), unrounded
             print(f"{name} tau {tau}: {timing}", flush=True)
         if profile_first:
             # After the timings, never between them: a profiled run can leave the next timed runs slower.
             share = ffn_share(taus[0], n_ffn, pair.n_zc)
             control(pair.moepp, balanced_assignments(T, n_ffn, pair.n_zc, share))
             profile_rows += profile(f"{name} tau {taus[0]}", pair, x, prev, share)
-    return rows, profile_rows
+    return rows, profile_rows, efficiencies
 
 
 def main() -> None:
@@ -265,13 +267,12 @@ def main() -> None:
     # The checkpoint first: a bad one should fail before the long sweep, not after it.
     ckpt = checkpoint_routing(args.checkpoint, T) if args.checkpoint is not None else None
     headers = ["layer", "tau", "FFN share", "vanilla ms", "MoE++ ms", "speed-up", "ideal", "efficiency"]
-    rows, profile_rows = sweep(T, args.repeats, SHAPES, TAUS, args.profile, device)
-    effs = [float(r[-1]) for r in rows]
+    rows, profile_rows, effs = sweep(T, args.repeats, SHAPES, TAUS, args.profile, device)
     vans = [float(r[3]) for r in rows]
     # Every shape at a quarter of the step: fewer rows per expert, so the small-share GEMMs run further from full
     # speed. Shows how efficiency depends on the step size.
     small_T = args.small_tokens
-    small_rows, _ = sweep(small_T, args.repeats, SHAPES, [0.1, 0.25], False, device)
+    small_rows, _, _ = sweep(small_T, args.repeats, SHAPES, [0.1, 0.25], False, device)
     floor_pair = build_pair(*SHAPES[0][1:]).to(device)
     floor = overhead_floor_ms(floor_pair, T, args.repeats, device)
     del floor_pair
@@ -319,7 +320,7 @@ def main() -> None:
         "speed-up: the median over the back-to-back (vanilla, MoE++) pairs of vanilla ms / MoE++ ms (the load of "
         "this shared machine drifts over minutes; both runs of a pair see the same load).\n\n"
         f"{markdown_table(headers, rows)}\n\n"
-        f"Efficiency min {min(effs):.2f}, max {max(effs):.2f} (target >= 0.9 at every tau; "
+        f"Efficiency min {min(effs):.3f}, max {max(effs):.3f} (target >= 0.9 at every tau; "
         f"{sum(e >= 0.9 for e in effs)}/{len(effs)} cells meet it). "
         + (
             ""
