@@ -38,7 +38,19 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, RuntimeError) and not str(e).startswith("train."):
             raise
         return _error(f"error: {e}")
+    _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """After a successful run, as torchtitan does: tear the process group down while the interpreter is alive.
+    Left to interpreter exit, gloo's threads can abort a finished rank and NCCL warns about leaked communicators.
+    Not after a failure: peers may still be inside a collective, and tearing down under them hangs or aborts."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # nobody destroys the group while a peer still uses it (e.g. a last checkpoint write)
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,93 @@
+"""The benchmark scripts run end to end at tiny sizes (benchmarks are not tests: nothing here looks at a time).
+
+What is asserted is what a run must always produce: a row for every cell, the exact all-to-all byte accounting, the
+peers named (with numbers, or why not), and docs/benchmarks.md left alone under --no-write. A late crash in a
+benchmark (one was seen after 8 minutes of timings) is caught here in seconds instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS_MD = ROOT / "docs" / "benchmarks.md"
+
+pytestmark = pytest.mark.slow
+
+
+def run_bench(script: str, *args: str) -> str:
+    before = BENCHMARKS_MD.read_bytes() if BENCHMARKS_MD.exists() else None
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, f"bench/{script}", *args, "--no-write"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    after = BENCHMARKS_MD.read_bytes() if BENCHMARKS_MD.exists() else None
+    assert after == before, f"{script} --no-write changed docs/benchmarks.md"
+    return proc.stdout
+
+
+def table_rows(text: str, first_cell: str) -> list[list[str]]:
+    return [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in text.splitlines()
+        if line.startswith(f"| {first_cell}")
+    ]
+
+
+def test_expert_forward_prints_every_cell():
+    out = run_bench("expert_forward.py", "--tokens", "64", "--small-tokens", "32", "--repeats", "1")
+    rows = [r for r in table_rows(out, "(") if r[1] != "trained"]
+    # 3 shapes x 5 taus at --tokens, then 3 shapes x 2 taus at --small-tokens.
+    assert [(r[0], r[1]) for r in rows[:15]] == [
+        (shape, tau) for shape in ("(8+4)", "(16+4)", "(32+8)") for tau in ("0.1", "0.25", "0.5", "0.75", "1.0")
+    ]
+    assert len(rows) == 21
+    for r in rows:
+        share, ideal, efficiency = float(r[2]), float(r[6].rstrip("x")), float(r[7])
+        assert 0 < share <= 1 and ideal == pytest.approx(1 / share, rel=0.01) and efficiency > 0
+    assert re.search(r"Efficiency min [0-9.]+, max [0-9.]+ \(target >= 0.9 at every tau; \d+/15 cells", out)
+
+
+def test_all_to_all_bytes_are_the_ffn_share_exactly():
+    # 420 tokens x top-2 = 840 assignments: every FFN share of the sweep is a whole number of assignments.
+    out = run_bench("all_to_all.py", "--tokens", "420", "--repeats", "1", "--ep", "2")
+    rows = table_rows(out, "ep=2")
+    assert len(rows) == 15
+    for r in rows:
+        share, van_mb, pp_mb = float(r[3]), float(r[4]), float(r[5])
+        assert r[6].endswith("(exact)"), r
+        assert pp_mb / van_mb == pytest.approx(share, abs=1e-3)
+    assert "15/15 rows" in out
+
+
+def test_peers_names_every_implementation():
+    out = run_bench("peers.py", "--tokens", "64", "--repeats", "1")
+    for n in ("8", "16", "32"):
+        rows = {r[1]: r for r in table_rows(out, n)}
+        ours = rows["ours (model.moe.MoELayer)"]
+        assert float(ours[2]) > 0 and float(ours[3]) > 0 and ours[4] == "1.00"
+        # A peer has numbers or says why it has none; it never silently disappears.
+        for peer in ("DeepSpeed MoE", "megatron-core MoELayer"):
+            assert peer in rows, f"{peer} missing from the {n}-expert rows"
+            cell = rows[peer][2]
+            assert re.fullmatch(r"\d+", cell) or cell.startswith(("not ", "failed")), cell
+
+
+def test_train_throughput_reports_a_step():
+    out = run_bench("train_throughput.py", "--presets", "tiny-cpu", "--steps", "1", "--warmup", "0")
+    (row,) = table_rows(out, "tiny-cpu")
+    tokens_per_s = float(row[4].replace(",", ""))
+    assert int(row[2]) > 0 and tokens_per_s > 0
+    assert "attention" in row[6] and "experts" in row[6]
