@@ -333,7 +333,7 @@ def main() -> None:
         "(GPU, expert forward): (8+4) +164.5% / +92.7% / +38.2% / +25.2% / +19.1%, (16+4) +111.2% / "
         "+58.7% / +30.1% / +22.1% / +15.2%, (32+8) +63.5% / +44.3% / +28.3% / +21.8% / +15.7% at tau 0.1 / 0.25 / "
         "0.5 / 0.75 / 1.0.\n\n"
-        f"A smaller step, {small_T} tokens, at the two smallest taus (fastest of {args.repeats}):\n\n"
+        f"A smaller step, {small_T} tokens, at the two smallest taus ({args.repeats} pairs, as above):\n\n"
         f"{markdown_table(headers, small_rows)}\n\n"
         "Why small FFN shares lose efficiency, more so in a smaller step: one SwiGLU expert (768 -> 2x2048 -> 768) "
         "costs more per row when it gets fewer rows (GEMM efficiency; each expert streams all of its weights "
