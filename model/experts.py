@@ -21,8 +21,10 @@ def _grouped_mm_usable(x: Tensor) -> bool:
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
-    if x.is_cuda and torch.is_autocast_enabled("cuda"):
-        return torch.get_autocast_dtype("cuda")
+    """The dtype autocast would run a matmul on x in (bf16 under train.dtype=bf16, CUDA or CPU), else x's own."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
     return x.dtype
 
 
@@ -44,7 +46,11 @@ class FFNExperts(nn.Module):
         """x_AD holds the rows of expert 0, then expert 1, ... (counts in tokens_per_expert, a host list)."""
         if _grouped_mm_usable(x_AD):
             return self._grouped(x_AD, tokens_per_expert)
-        return LoopedSwiGLU.apply(x_AD, self.w_up, self.w_down, tokens_per_expert)
+        # Autocast does not reach into a custom autograd node's out= GEMMs: cast here as it would (the casts are
+        # differentiable, so the fp32 master weights still get their gradients) and run the node outside it.
+        dtype = _compute_dtype(x_AD)
+        with torch.autocast(x_AD.device.type, enabled=False):
+            return LoopedSwiGLU.apply(x_AD.to(dtype), self.w_up.to(dtype), self.w_down.to(dtype), tokens_per_expert)
 
     def _grouped(self, x_AD: Tensor, tokens_per_expert: list[int]) -> Tensor:
         dtype = _compute_dtype(x_AD)

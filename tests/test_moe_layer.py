@@ -87,6 +87,28 @@ def test_ffn_experts_gradients_match_autograd_reference():
     assert experts.w_up.grad is not None and experts.w_up.grad.abs().sum() == 0
 
 
+def test_ffn_experts_follow_autocast_bf16():
+    # train.dtype=bf16 runs the model under autocast; the hand-written expert node must compute in bf16 as F.linear
+    # would, and still hand fp32 gradients to the fp32 weights.
+    torch.manual_seed(0)
+    experts = FFNExperts(2, hidden_size=16, ffn_hidden_size=8)
+    torch.nn.init.normal_(experts.w_up, std=0.5)
+    torch.nn.init.normal_(experts.w_down, std=0.5)
+    x = torch.randn(6, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = experts(x, [4, 2])
+    assert y.dtype == torch.bfloat16
+    expected = torch.cat(
+        [swiglu(x[:4], experts.w_up[0], experts.w_down[0]), swiglu(x[4:], experts.w_up[1], experts.w_down[1])]
+    )
+    # bf16 keeps ~3 significant digits: close to fp32 at that precision, but not equal to it.
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(y.float(), expected, atol=2e-2 * scale, rtol=2e-2)
+    assert not torch.equal(y.float(), expected)
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and experts.w_up.grad.dtype == torch.float32
+
+
 def test_constant_expert_formula_by_hand():
     const = ConstantExperts(1, hidden_size=2)
     with torch.no_grad():
