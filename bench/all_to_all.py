@@ -2,12 +2,13 @@
 shapes (hidden 768; (8+4), (16+4), (32+8)) and tau in {0.1, 0.25, 0.5, 0.75, 1.0}, for ep = 2 and ep = 4 (gloo
 processes on CPU; NCCL on a GPU machine). Prints a table and writes the "All-to-all" section of docs/benchmarks.md.
 
-    python bench/all_to_all.py [--tokens 4200] [--repeats 5] [--ep 2 4]
+    python bench/all_to_all.py [--tokens 16800] [--repeats 9] [--ep 2 4] [--default-malloc]
 
 Each rank routes its own tokens with controlled routing (bench/routing.py: FFN share = tau N_ffn/(tau N_ffn + N_zc)
 exactly, spread evenly over experts). The layer's FFN experts are replaced by a pass-through so that only the
 dispatcher is exercised; dispatch and combine are each timed after a barrier (so a rank never times another's
-lateness), bytes come from the layer's RoutingStats (rows handed to the collectives, dispatch + combine).
+lateness), bytes come from the layer's RoutingStats (rows handed to the collectives, dispatch + combine). Workers
+keep freed host memory for reuse as a caching allocator does (bench/allocator.py), unless --default-malloc.
 Targets: bytes ratio MoE++/vanilla = FFN share exactly; time ratio within 10% of it.
 """
 
@@ -33,6 +34,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor, nn
 
+from bench.allocator import describe, reuse_freed_memory
 from bench.report import markdown_table, write_section
 from bench.routing import SHAPES, TAUS, balanced_assignments, build_pair, control, ffn_share
 from model.dispatch import DispatchResult
@@ -85,11 +87,13 @@ def measure_once(layer: MoELayer, x: Tensor, prev: Tensor | None) -> tuple[float
     return layer.dispatcher.seconds * 1e3, int(counts[: layer.num_ffn].sum()), int(counts.sum()), stats.bytes_sent
 
 
-def worker(rank: int, world: int, port: int, tokens: int, repeats: int, out_path: str) -> None:
+def worker(rank: int, world: int, port: int, tokens: int, repeats: int, reuse: bool, out_path: str) -> None:
+    if reuse:
+        reuse_freed_memory()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    results = []
+    results, fixed_ms = [], 0.0
     try:
         for name, n_ffn, n_zero, n_copy, n_const in SHAPES:
             pair = build_pair(n_ffn, n_zero, n_copy, n_const)  # same seed: the same weights on every rank
@@ -99,6 +103,14 @@ def worker(rank: int, world: int, port: int, tokens: int, repeats: int, out_path
             x = torch.randn(tokens, 768)
             prev = torch.randn(tokens, n_ffn + pair.n_zc)
             control(pair.vanilla, balanced_assignments(tokens, n_ffn, 0, 1.0, seed=rank))
+            if not results:
+                # The per-call cost that no volume explains: MoE++ with every assignment on a zero-computation
+                # expert still exchanges counts, syncs the host and runs two empty all-to-alls.
+                control(pair.moepp, balanced_assignments(tokens, n_ffn, pair.n_zc, 0.0, seed=rank))
+                measure_once(pair.moepp, x, prev)
+                mine = torch.tensor(statistics.median(measure_once(pair.moepp, x, prev)[0] for _ in range(repeats)))
+                dist.all_reduce(mine)
+                fixed_ms = mine.item() / world
             for tau in TAUS:
                 target = ffn_share(tau, n_ffn, pair.n_zc)
                 control(pair.moepp, balanced_assignments(tokens, n_ffn, pair.n_zc, target, seed=rank))
@@ -137,7 +149,7 @@ def worker(rank: int, world: int, port: int, tokens: int, repeats: int, out_path
     dist.barrier()
     dist.destroy_process_group()
     if rank == 0:
-        Path(out_path).write_text(json.dumps(results))
+        Path(out_path).write_text(json.dumps({"cells": results, "fixed_ms": fixed_ms}))
     # Nothing is left to do: skip interpreter finalization, where gloo's threads were seen to abort a finished
     # worker ("terminate called without an active exception", about 1 run in 8 under pytest).
     sys.stdout.flush()
@@ -145,13 +157,14 @@ def worker(rank: int, world: int, port: int, tokens: int, repeats: int, out_path
     os._exit(0)
 
 
-def run_ep(world: int, tokens: int, repeats: int) -> list[dict]:
+def run_ep(world: int, tokens: int, repeats: int, reuse: bool) -> dict:
+    """{"cells": one dict per (shape, tau), "fixed_ms": dispatch + combine of the (8+4) MoE++ layer at FFN share 0}."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "results.json")
-        mp.spawn(worker, args=(world, port, tokens, repeats, out), nprocs=world, join=True)
+        mp.spawn(worker, args=(world, port, tokens, repeats, reuse, out), nprocs=world, join=True)
         return json.loads(Path(out).read_text())
 
 
@@ -184,16 +197,25 @@ def table_rows(world: int, results: list[dict]) -> tuple[list[list[str]], list[f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    # 4200 tokens x top-2 = 8400 assignments: every FFN share of the sweep (sixths, sevenths, fifths, quarters, thirds)
-    # is a whole number of assignments.
-    parser.add_argument("--tokens", type=int, default=4200, help="tokens per rank")
-    parser.add_argument("--repeats", type=int, default=15)
+    # 16800 tokens x top-2 = 33600 assignments: every FFN share of the sweep (sixths, sevenths, fifths, quarters,
+    # thirds) is a whole number of assignments; about the paper's tokens per step (8 x 2048), where a per-call fixed
+    # cost (the count exchange and the host sync that sizes the splits) no longer weighs on small shares.
+    parser.add_argument("--tokens", type=int, default=16800, help="tokens per rank")
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--ep", type=int, nargs="+", default=[2, 4])
+    parser.add_argument(
+        "--default-malloc", action="store_true", help="glibc's defaults instead of reusing freed memory (allocator.py)"
+    )
     parser.add_argument("--no-write", action="store_true", help="print only, leave docs/benchmarks.md alone")
     args = parser.parse_args()
-    rows, errors, exact = [], [], []
+    rows, errors, exact, fixed = [], [], [], []
     for world in args.ep:
-        r, e, x = table_rows(world, run_ep(world, args.tokens, args.repeats))
+        res = run_ep(world, args.tokens, args.repeats, not args.default_malloc)
+        r, e, x = table_rows(world, res["cells"])
+        fixed.append(
+            f"{res['fixed_ms']:.1f} ms at ep={world} ({res['fixed_ms'] / res['cells'][0]['van_ms']:.1%} of "
+            "the vanilla layer's)"
+        )
         rows += r
         errors += e
         exact += x
@@ -212,12 +234,16 @@ def main() -> None:
     within = sum(abs(e) <= 0.10 for e in errors)
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), torch {torch.__version__}"
     extra = "".join(
-        [f" --tokens {args.tokens}" if args.tokens != 4200 else "", f" --repeats {args.repeats}" * (args.repeats != 15)]
+        [
+            f" --tokens {args.tokens}" if args.tokens != 16800 else "",
+            f" --repeats {args.repeats}" * (args.repeats != 9),
+            " --default-malloc" * args.default_malloc,
+        ]
     )
     body = (
         f"`python bench/all_to_all.py{extra}` on {machine}, {datetime.date.today()}: gloo, one process per ep rank "
         f"(1 thread each) on one machine, {args.tokens} tokens per rank, hidden 768 fp32 (3,072 bytes per row), "
-        f"top-2, {args.repeats} alternating vanilla/MoE++ pairs per cell. MB = "
+        f"top-2, {args.repeats} alternating vanilla/MoE++ pairs per cell, {describe(not args.default_malloc)}. MB = "
         "bytes each rank hands to the collectives for dispatch + combine (its own chunk included), mean over "
         "ranks; ms = dispatch + combine on a rank, fastest run, mean over ranks; time ratio = median over the "
         "pairs of MoE++ ms / vanilla ms (the two runs of a pair are back to back, so a slow patch of the shared "
@@ -228,15 +254,16 @@ def main() -> None:
         f"Bytes ratio equal to the FFN share of assignments exactly (integers, summed over the ep group): "
         f"{sum(exact)}/{len(exact)} rows. Time ratio within 10% "
         f"of the FFN share: {within}/{len(errors)} rows; deviations range {min(errors):+.0%} to {max(errors):+.0%} "
-        f"(mean {sum(errors) / len(errors):+.0%}). What moves a time ratio off the share: a fixed cost per call "
-        "that does not shrink with the volume (the count exchange, the host sync that sizes the splits, Python "
-        "bookkeeping), which pushes small shares above the line, and scheduling noise of up to 4 gloo processes "
-        "on 2 shared cores. Ratios below the share come from the CPU allocator: the vanilla layer's larger "
-        "buffers are above glibc's mmap threshold, so every call page-faults them in afresh and pays more per "
-        "byte (a diagnostic run on 2026-11-22 with MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 "
-        "moved the ep=2 deviations to +1% .. +39%, mean +11%, 10/15 within 10%: what is left is the fixed cost). "
-        "The byte counts are the exact result; NCCL times need a machine with at least 2 GPUs (the lent GPU "
-        "machines have one; NCCL refuses two ranks on one GPU): pending.\n"
+        f"(mean {sum(errors) / len(errors):+.0%}). Dispatch + combine of the (8+4) MoE++ layer with no FFN "
+        f"assignment at all (every assignment on a zero-computation expert; median): {', '.join(fixed)}: the count "
+        "exchange, the host sync that sizes the splits and two empty all-to-alls, a cost per call that adds "
+        "about its share of the vanilla time to every ratio and weighs most on small shares. The rest of the "
+        "deviation is this machine: up to 4 gloo processes on 2 shared cores, and memory. With glibc's default "
+        "allocator (`--default-malloc`) blocks above its mmap threshold (the vanilla layer's, few of MoE++'s) are "
+        "mapped and page-faulted afresh on every call, which pushes ratios the other way, below the share: "
+        "22/30 rows within 10%, deviations -33% .. +8% in a run with glibc's defaults on 2026-11-22 (16384 tokens "
+        "per rank, 9 pairs). The byte counts are the exact result; NCCL times need a machine with at least 2 "
+        "GPUs (the lent GPU machines have one; NCCL refuses two ranks on one GPU): pending.\n"
     )
     print(body)
     if not args.no_write:

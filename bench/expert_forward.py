@@ -2,13 +2,14 @@
 (hidden 768, FFN 2048; (8+4), (16+4), (32+8)) for tau in {0.1, 0.25, 0.5, 0.75, 1.0}, plus a trained checkpoint's
 routing replayed on the (8+4) layer. Prints a table and writes the "Expert forward" section of docs/benchmarks.md.
 
-    python bench/expert_forward.py [--tokens 16384] [--repeats 5] [--checkpoint DIR] [--profile]
+    python bench/expert_forward.py [--tokens 16384] [--repeats 5] [--checkpoint DIR] [--profile] [--default-malloc]
 
 Routing is controlled (bench/routing.py): the MoE++ layer gets exactly the FFN share that tau gives at balance,
 N_ffn*tau / (N_ffn*tau + N_zc), spread evenly over experts; the vanilla layer sends every assignment to its (evenly
 loaded) FFN experts. speed-up = vanilla time / MoE++ time; ideal bound = 1 / FFN share (the FFN compute ratio);
 efficiency = speed-up / bound. Timings are whole-layer forwards (router, zero-computation experts, dispatch, FFN
-experts, combine) without gradients; vanilla and MoE++ runs alternate so machine noise hits both alike.
+experts, combine) without gradients; vanilla and MoE++ runs alternate so machine noise hits both alike. On CPU the
+process keeps freed memory for reuse as a caching allocator does (bench/allocator.py), unless --default-malloc.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import torch
 
+from bench.allocator import describe, reuse_freed_memory
 from bench.report import markdown_table, write_section
 from bench.routing import SHAPES, TAUS, LayerPair, balanced_assignments, build_pair, control, ffn_share
 from model.moe import MoELayer
@@ -259,8 +261,12 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="op profile of every shape at tau 0.1")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--no-write", action="store_true", help="print only, leave docs/benchmarks.md alone")
+    parser.add_argument(
+        "--default-malloc", action="store_true", help="glibc's defaults instead of reusing freed memory (allocator.py)"
+    )
     args = parser.parse_args()
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    reused = device.type == "cpu" and not args.default_malloc and reuse_freed_memory()
     if device.type == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
     T = args.tokens
@@ -294,7 +300,7 @@ def main() -> None:
     else:
         machine = (
             f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), torch {torch.__version__}, "
-            f"{torch.get_num_threads()} thread(s), fp32"
+            f"{torch.get_num_threads()} thread(s), fp32, {describe(reused)}"
         )
         caveat = (
             " **CPU timings on a 2-core machine shared with other work: indicative only.** GPU numbers: the "
@@ -309,6 +315,7 @@ def main() -> None:
         + ([f"--device {args.device}"] if args.device != "auto" else [])
         + ([f"--checkpoint {args.checkpoint}"] if args.checkpoint else [])
         + (["--profile"] if args.profile else [])
+        + (["--default-malloc"] if args.default_malloc else [])
     )
     body = (
         f"`{command}` on {machine}, {datetime.date.today()}. One layer forward "
