@@ -198,8 +198,8 @@ def table_rows(world: int, results: list[dict]) -> tuple[list[list[str]], list[f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     # 16800 tokens x top-2 = 33600 assignments: every FFN share of the sweep (sixths, sevenths, fifths, quarters,
-    # thirds) is a whole number of assignments; about the paper's tokens per step (8 x 2048), where a per-call fixed
-    # cost (the count exchange and the host sync that sizes the splits) no longer weighs on small shares.
+    # thirds) is a whole number of assignments; about the paper's tokens per step (8 x 2048), where the per-call fixed
+    # cost (the count exchange and the host sync that sizes the splits) weighs less on small shares than at 4200.
     parser.add_argument("--tokens", type=int, default=16800, help="tokens per rank")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--ep", type=int, nargs="+", default=[2, 4])
