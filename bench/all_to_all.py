@@ -88,8 +88,7 @@ def measure_once(layer: MoELayer, x: Tensor, prev: Tensor | None) -> tuple[float
 
 
 def worker(rank: int, world: int, port: int, tokens: int, repeats: int, reuse: bool, out_path: str) -> None:
-    if reuse:
-        reuse_freed_memory()
+    reused = reuse and reuse_freed_memory()  # the docs say what took effect, not what was asked for
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -149,7 +148,7 @@ def worker(rank: int, world: int, port: int, tokens: int, repeats: int, reuse: b
     dist.barrier()
     dist.destroy_process_group()
     if rank == 0:
-        Path(out_path).write_text(json.dumps({"cells": results, "fixed_ms": fixed_ms}))
+        Path(out_path).write_text(json.dumps({"cells": results, "fixed_ms": fixed_ms, "reused": reused}))
     # Nothing is left to do: skip interpreter finalization, where gloo's threads were seen to abort a finished
     # worker ("terminate called without an active exception", about 1 run in 8 under pytest).
     sys.stdout.flush()
@@ -158,7 +157,8 @@ def worker(rank: int, world: int, port: int, tokens: int, repeats: int, reuse: b
 
 
 def run_ep(world: int, tokens: int, repeats: int, reuse: bool) -> dict:
-    """{"cells": one dict per (shape, tau), "fixed_ms": dispatch + combine of the (8+4) MoE++ layer at FFN share 0}."""
+    """{"cells": one dict per (shape, tau), "fixed_ms": dispatch + combine of the (8+4) MoE++ layer at FFN share 0,
+    "reused": whether the workers kept freed memory for reuse}."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -208,10 +208,11 @@ def main() -> None:
     )
     parser.add_argument("--no-write", action="store_true", help="print only, leave docs/benchmarks.md alone")
     args = parser.parse_args()
-    rows, errors, exact, fixed = [], [], [], []
+    rows, errors, exact, fixed, reused = [], [], [], [], True
     for world in args.ep:
         res = run_ep(world, args.tokens, args.repeats, not args.default_malloc)
         r, e, x = table_rows(world, res["cells"])
+        reused = reused and res["reused"]
         fixed.append(
             f"{res['fixed_ms']:.1f} ms at ep={world} ({res['fixed_ms'] / res['cells'][0]['van_ms']:.1%} of "
             "the vanilla layer's)"
@@ -243,7 +244,7 @@ def main() -> None:
     body = (
         f"`python bench/all_to_all.py{extra}` on {machine}, {datetime.date.today()}: gloo, one process per ep rank "
         f"(1 thread each) on one machine, {args.tokens} tokens per rank, hidden 768 fp32 (3,072 bytes per row), "
-        f"top-2, {args.repeats} alternating vanilla/MoE++ pairs per cell, {describe(not args.default_malloc)}. MB = "
+        f"top-2, {args.repeats} alternating vanilla/MoE++ pairs per cell, {describe(reused)}. MB = "
         "bytes each rank hands to the collectives for dispatch + combine (its own chunk included), mean over "
         "ranks; ms = dispatch + combine on a rank, fastest run, mean over ranks; time ratio = median over the "
         "pairs of MoE++ ms / vanilla ms (the two runs of a pair are back to back, so a slow patch of the shared "
