@@ -104,6 +104,16 @@ class IndexedDatasetWriter:
         self._bin.write(np.ascontiguousarray(flat_tokens, dtype=self.dtype).tobytes())
         self._lengths.frombytes(np.asarray(lengths, dtype=np.int32).tobytes())
 
+    def mark(self) -> tuple[int, int]:
+        """Where the next document goes; `truncate(mark)` drops every document added after this point."""
+        return self._bin.tell(), len(self._lengths)
+
+    def truncate(self, mark: tuple[int, int]) -> None:
+        offset, documents = mark
+        self._bin.truncate(offset)  # flushes the buffer first
+        self._bin.seek(offset)
+        del self._lengths[documents:]
+
     def finalize(self) -> None:
         lengths = np.frombuffer(self._lengths, dtype=np.int32) if self._lengths else np.zeros(0, np.int32)
         pointers = np.zeros(len(lengths), dtype=np.int64)

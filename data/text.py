@@ -24,7 +24,7 @@ def is_text_path(path: str | Path) -> bool:
 
 def read_documents(path: str | Path, jsonl_key: str = "text") -> list[str]:
     path = check_input_file(path)
-    docs = list(iter_documents(path, jsonl_key, invalid_utf8="error"))
+    docs = list(iter_documents(path, jsonl_key, on_error="stop"))
     if not docs:
         raise ValueError(f"{path}: no documents in the file; give a non-empty .txt or .jsonl file")
     return docs

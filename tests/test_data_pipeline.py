@@ -13,7 +13,7 @@ import pytest
 from data import preprocess as preprocess_module
 from data.indexed import IndexedDataset, IndexedDatasetWriter, optimal_dtype
 from data.preprocess import preprocess
-from data.tokenizer import Tokenizer
+from data.tokenizer import load_tokenizer
 from tools import preprocess_data, train_tokenizer
 
 WORDS = ["the", "cat", "sat", "on", "mat", "déjà", "vu", "straße", "naïve", "x1", "🤖", "end."]
@@ -46,7 +46,7 @@ def tokenizer_model(tmp_path_factory):
 
 
 def test_tokenizer_has_the_special_pieces_and_is_lossless(tokenizer_model):
-    tok = Tokenizer(tokenizer_model)
+    tok = load_tokenizer(tokenizer_model)
     assert tok.vocab_size == 340
     assert (tok.bos_id, tok.eod_id, tok.pad_id) == (1, 2, 3)
     # Characters never seen in training (CJK, control) still round-trip through byte fallback.
@@ -59,11 +59,11 @@ def test_text_and_jsonl_round_trip_through_bin_idx(tmp_path, tokenizer_model):
     txt = write_text(tmp_path / "a.txt", docs_txt)
     jl = tmp_path / "b.jsonl"
     jl.write_text("".join(json.dumps({"content": d}) + "\n" for d in docs_jsonl), encoding="utf-8")
-    result = preprocess([txt, jl], tokenizer_model, tmp_path / "out" / "ds", json_key="content", progress=False)
+    result = preprocess([txt, jl], tokenizer_model, tmp_path / "out" / "ds", text_key="content", progress=False)
     assert result.documents == 50
 
     ds = IndexedDataset(tmp_path / "out" / "ds")
-    tok = Tokenizer(tokenizer_model)
+    tok = load_tokenizer(tokenizer_model)
     assert ds.dtype == np.uint16 and len(ds) == ds.num_documents == 50
     assert ds.num_tokens == result.tokens == len(ds.tokens)
     for seq, doc in zip((ds[i] for i in range(len(ds))), docs_txt + docs_jsonl, strict=True):
@@ -205,11 +205,11 @@ def test_invalid_utf8_lines_are_skipped_and_counted_or_an_error(tmp_path, tokeni
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"good line\nbad \xff\xfe line\n\nsecond doc\n")
     base = ["--input", str(bad), "--tokenizer", str(tokenizer_model), "--no-progress", "--workers", "1"]
-    code, out, _ = _cli(capsys, [*base, "--output-prefix", str(tmp_path / "skip")])
-    assert code == 0 and "skipped 1 invalid UTF-8 line(s)" in out
+    code, out, err = _cli(capsys, [*base, "--output-prefix", str(tmp_path / "skip")])
+    assert code == 0 and "skipped 1 bad record(s)" in out and "bad.txt: 1 invalid UTF-8 line(s)" in err
     assert IndexedDataset(tmp_path / "skip").num_documents == 2
 
-    code, _, err = _cli(capsys, [*base, "--output-prefix", str(tmp_path / "err"), "--invalid-utf8", "error"])
+    code, _, err = _cli(capsys, [*base, "--output-prefix", str(tmp_path / "err"), "--on-error", "stop"])
     assert code == 2 and err.count("\n") == 1
     assert "bad.txt:2: invalid UTF-8 at byte 4 of the line" in err
     assert not (tmp_path / "err.idx").exists() and not (tmp_path / "err.bin").exists()

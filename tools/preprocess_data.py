@@ -1,11 +1,18 @@
-"""Tokenize text/JSONL files into a Megatron-compatible indexed dataset (PREFIX.bin + PREFIX.idx).
+"""Tokenize text, JSONL or parquet shards into a Megatron-compatible indexed dataset (PREFIX.bin + PREFIX.idx).
 
-    python -m tools.preprocess_data --input a.txt b.jsonl --tokenizer tok.model --output-prefix data/corpus \
-        [--workers N] [--json-key text] [--invalid-utf8 skip|error]
+    python -m tools.preprocess_data --input 'shards/*.jsonl.zst' more/ c.parquet --tokenizer TOKENIZER \
+        --output-prefix data/corpus [--workers N] [--text-key text] [--on-error skip|stop] [--no-progress]
 
-Each document gets EOD (the tokenizer's eos) appended. Plain-text documents are separated by blank lines; JSONL has
-one document per line under --json-key. Output is written atomically: a failed or killed run leaves no dataset
-under PREFIX (a run killed with SIGKILL may leave hidden `.PREFIX.bin.tmp-PID` files next to it; delete them).
+Inputs are files, folders (every .txt/.jsonl/.json[.gz|.zst]/.parquet file under them) and glob patterns (quoted),
+read in order. Each document gets EOD (the tokenizer's eos) appended. Plain-text documents are separated by blank
+lines; JSONL has one document per line under --text-key; parquet has one per row in the column --text-key.
+TOKENIZER is a sentencepiece .model, a tokenizer.json or a folder holding one, or a .tiktoken file.
+
+Bad records (invalid UTF-8, invalid JSON, no text field) and files that cannot be read to their end (damaged or
+truncated compression, unreadable parquet) are skipped and reported per file (`--on-error skip`, the default; a
+skipped file contributes nothing), or stop the run with one line and exit code 2 (`--on-error stop`). Output is
+written atomically: a failed or interrupted run leaves no dataset under PREFIX (a run killed with SIGKILL may leave
+hidden `.PREFIX.bin.tmp-PID` files next to it; delete them).
 """
 
 from __future__ import annotations
@@ -21,16 +28,25 @@ if __package__ in (None, ""):  # run as a file (python tools/preprocess_data.py)
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m tools.preprocess_data", description=__doc__.split("\n")[0])
-    p.add_argument("--input", nargs="+", required=True, help="text or JSONL (.jsonl/.json) files, in order")
-    p.add_argument("--tokenizer", required=True, help="sentencepiece .model from tools/train_tokenizer.py")
+    p.add_argument("--input", nargs="+", required=True, help="files, folders or quoted glob patterns, in order")
+    p.add_argument(
+        "--tokenizer", required=True, help="sentencepiece .model, tokenizer.json (or its folder), or .tiktoken file"
+    )
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="encoding processes")
-    p.add_argument("--json-key", default="text", help="field holding the document in JSONL records")
     p.add_argument(
-        "--invalid-utf8",
-        choices=["skip", "error"],
+        "--text-key",
+        "--json-key",
+        "--column",
+        dest="text_key",
+        default="text",
+        help="JSONL field / parquet column holding the document (default: text)",
+    )
+    p.add_argument(
+        "--on-error",
+        choices=["skip", "stop"],
         default="skip",
-        help="lines that are not valid UTF-8: skip and count them (default), or stop with an error",
+        help="bad records and unreadable files: skip and report them (default), or stop with an error",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -46,18 +62,27 @@ def main(argv: list[str] | None = None) -> int:
             args.tokenizer,
             args.output_prefix,
             workers=args.workers,
-            json_key=args.json_key,
-            invalid_utf8=args.invalid_utf8,
+            text_key=args.text_key,
+            on_error=args.on_error,
             progress=not args.no_progress,
         )
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    skipped = f"; skipped {r.invalid_lines} invalid UTF-8 line(s)" if r.invalid_lines else ""
-    empty = f"; skipped {r.empty_documents} empty document(s)" if r.empty_documents else ""
+    except KeyboardInterrupt:
+        print(f"interrupted: no dataset written under {args.output_prefix}", file=sys.stderr)
+        return 130
+    for f in r.files:
+        for problem in f.problems(args.text_key):
+            print(f"warning: {f.path}: {problem}", file=sys.stderr)
+    skipped = [f"{r.skipped_records:,} bad record(s)"] if r.skipped_records else []
+    skipped += [f"{len(r.skipped_files)} unreadable file(s)"] if r.skipped_files else []
+    skipped += [f"{r.empty_documents:,} empty document(s)"] if r.empty_documents else []
     print(
-        f"{r.prefix}.{{bin,idx}}: {r.documents:,} documents, {r.tokens:,} tokens from {r.input_bytes / 1e6:.2f} MB "
-        f"in {r.seconds:.2f} s ({r.mb_per_s:.2f} MB/s, {args.workers} worker(s)){skipped}{empty}"
+        f"{r.prefix}.{{bin,idx}}: {r.documents:,} documents, {r.tokens:,} tokens from {len(r.files)} file(s), "
+        f"{r.text_bytes / 1e6:.2f} MB of text ({r.input_bytes / 1e6:.2f} MB on disk) in {r.seconds:.2f} s: "
+        f"{r.text_mb_per_s:.2f} MB/s, {r.tokens_per_s:,.0f} tokens/s, {r.workers} worker(s), {r.tokenizer}"
+        + (f"; skipped {', '.join(skipped)}" if skipped else "")
     )
     return 0
 

@@ -4,9 +4,9 @@
 
 DIR is a step directory (`.../checkpoints/step_00000300`), a checkpoints directory or a run directory (its
 `latest` checkpoint is used). The text is tokenized the way the run's data was: with the run's `data.tokenizer`
-(sentencepiece) when set, else byte-level (data/text.py) for a .txt/.jsonl run; `--tokenizer` overrides. A run on
-the embedded synthetic corpus has no text tokenizer; its evaluation already reports FFN experts per easy and hard
-position (`ffn_per_token_easy/hard` in metrics.jsonl).
+(any kind, data/tokenizer.py) when set, else byte-level (data/text.py) for a .txt/.jsonl run; `--tokenizer`
+overrides. A run on the embedded synthetic corpus has no text tokenizer; its evaluation already reports FFN
+experts per easy and hard position (`ffn_per_token_easy/hard` in metrics.jsonl).
 
 For every token position the number of FFN experts it was routed to (kept assignments to FFN experts, 0..top_k) is
 averaged over the MoE layers, then averaged over the occurrences of each distinct token. The MoE++ paper finds
@@ -82,13 +82,17 @@ def text_tokenizer(data: dict[str, Any], override: str | None) -> TextTokenizer:
     """The tokenizer the run's data was made with (see the module docstring)."""
     model_path = override or data.get("tokenizer")
     if model_path:
-        from data.tokenizer import Tokenizer
+        from data.tokenizer import load_tokenizer
 
         try:
-            tok = Tokenizer(model_path)
+            tok = load_tokenizer(model_path)
         except (FileNotFoundError, ValueError, ImportError) as e:
             raise ReportError(f"tokenizer: {e}") from None
-        import sentencepiece  # importable: Tokenizer just loaded the model with it
+        if tok.kind != "sentencepiece":  # tokens as their text; no pieces, so no --groups
+            return TextTokenizer(
+                tok.describe(), lambda s: tok.encode([s])[0], lambda i: repr(tok.decode([i]) or f"<{i}>")
+            )
+        import sentencepiece  # importable: load_tokenizer just loaded the model with it
 
         sp = sentencepiece.SentencePieceProcessor(model_file=str(model_path))
         ids = range(sp.get_piece_size())
@@ -386,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=15, help="rows in each table")
     p.add_argument("--min-count", type=int, default=3, help="only tokens seen at least this often are ranked")
     p.add_argument("--plot", default="routing_report.png", help="PNG to write ('' for none)")
-    p.add_argument("--tokenizer", default=None, help="sentencepiece .model instead of the run's data.tokenizer")
+    p.add_argument("--tokenizer", default=None, help="a tokenizer (any kind) instead of the run's data.tokenizer")
     p.add_argument("--max-tokens", type=int, default=200_000, help="route at most this many tokens of the text")
     p.add_argument(
         "--groups",

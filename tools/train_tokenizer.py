@@ -1,12 +1,18 @@
-"""Train a sentencepiece tokenizer (BPE or unigram) on text/JSONL files.
+"""Train a tokenizer on text, JSONL or parquet shards: sentencepiece (BPE or unigram, the default) or a byte-level BPE
+`tokenizer.json` (the Hugging Face tokenizers library).
 
-    python -m tools.train_tokenizer --input a.txt b.jsonl --model-prefix tok/bpe32k --vocab-size 32000 \
-        [--model-type bpe|unigram] [--json-key text] [--max-lines N]
+    python -m tools.train_tokenizer --input a.txt 'shards/*.jsonl.zst' --model-prefix tok/bpe32k --vocab-size 32000 \
+        [--kind sentencepiece|bpe] [--model-type bpe|unigram] [--text-key text] [--max-lines N]
 
-Writes PREFIX.model and PREFIX.vocab (atomically). Special pieces: unk 0, bos 1, eos 2 (end-of-document), pad 3.
-The tokenizer is lossless: identity normalization, whitespace kept as is, newline as its own piece, and byte
-fallback so any character outside the vocabulary still round-trips (this needs vocab >= 256 bytes + the corpus'
-characters + 4 specials).
+Inputs are read as tools/preprocess_data.py reads them (files, folders, glob patterns; bad records skipped). Both
+kinds are lossless (decoding gives back the exact text) and have the special tokens unk 0, bos 1, eos 2
+(end-of-document), pad 3; nothing is added to a text on encoding. Files are written atomically.
+
+- `--kind sentencepiece` writes PREFIX.model and PREFIX.vocab: identity normalization, whitespace kept as is, newline
+  as its own piece, and byte fallback so any character outside the vocabulary still round-trips (this needs vocab
+  >= 256 bytes + the corpus' characters + 4 specials). `--model-type` and `--max-lines` apply to this kind.
+- `--kind bpe` writes PREFIX.json, a byte-level BPE `tokenizer.json` (`<unk>` `<s>` `</s>` `<pad>`), whose words are
+  split with cl100k_base's pattern (data/tokenizer.py `TIKTOKEN_PATTERN`) before byte-level merges; vocab >= 260.
 """
 
 from __future__ import annotations
@@ -21,21 +27,29 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file (python tools/train_tokenizer.py): make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.documents import check_input_file, iter_documents
+from data.optional import import_optional
+from data.readers import ShardReader, expand_inputs
+from data.tokenizer import TIKTOKEN_PATTERN, load_tokenizer
 
 # sentencepiece drops training "sentences" longer than this many bytes; lines longer than it are cut into pieces.
 MAX_SENTENCE_BYTES = 16384
 NEWLINE = "\n"
 OUTPUT_SUFFIXES = (".model", ".vocab")
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0..3, as for sentencepiece
+KINDS = ("sentencepiece", "bpe")
 
 
-def training_lines(inputs: Sequence[Path], json_key: str) -> Iterator[str]:
-    """Lines of all documents: sentencepiece trains on sentences, and a newline is its own piece anyway."""
+def training_documents(inputs: Sequence[Path], text_key: str) -> Iterator[str]:
     for path in inputs:
-        for doc in iter_documents(path, json_key, invalid_utf8="skip"):
-            for line in doc.split(NEWLINE):
-                for i in range(0, len(line), MAX_SENTENCE_BYTES // 4):  # 4 bytes per character at most
-                    yield line[i : i + MAX_SENTENCE_BYTES // 4]
+        yield from ShardReader(path, text_key, on_error="skip")
+
+
+def training_lines(inputs: Sequence[Path], text_key: str) -> Iterator[str]:
+    """Lines of all documents: sentencepiece trains on sentences, and a newline is its own piece anyway."""
+    for doc in training_documents(inputs, text_key):
+        for line in doc.split(NEWLINE):
+            for i in range(0, len(line), MAX_SENTENCE_BYTES // 4):  # 4 bytes per character at most
+                yield line[i : i + MAX_SENTENCE_BYTES // 4]
 
 
 def train_tokenizer(
@@ -43,16 +57,14 @@ def train_tokenizer(
     model_prefix: str | Path,
     vocab_size: int,
     model_type: str = "bpe",
-    json_key: str = "text",
+    text_key: str = "text",
     max_lines: int = 0,
     character_coverage: float = 1.0,
     seed: int = 0,
 ) -> Path:
-    """Returns the path of the .model file."""
-    from data.tokenizer import _sentencepiece
-
-    paths = [check_input_file(p) for p in inputs]
-    spm = _sentencepiece()
+    """A sentencepiece model; returns the path of the .model file."""
+    paths = expand_inputs(inputs)
+    spm = import_optional("sentencepiece", "a sentencepiece tokenizer")
     prefix = Path(model_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     tmp_prefix = prefix.with_name(f".{prefix.name}.tmp-{os.getpid()}")
@@ -63,7 +75,7 @@ def train_tokenizer(
     try:
         try:
             spm.SentencePieceTrainer.train(
-                sentence_iterator=training_lines(paths, json_key),
+                sentence_iterator=training_lines(paths, text_key),
                 model_prefix=str(tmp_prefix),
                 vocab_size=vocab_size,
                 model_type=model_type,
@@ -92,6 +104,43 @@ def train_tokenizer(
     return Path(f"{prefix}.model")
 
 
+def train_bpe_tokenizer(
+    inputs: Sequence[str | Path], model_prefix: str | Path, vocab_size: int, text_key: str = "text"
+) -> Path:
+    """A byte-level BPE tokenizer.json; returns its path (PREFIX.json)."""
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise ValueError(
+            f"--vocab-size {vocab_size}: a byte-level BPE needs at least {256 + len(SPECIAL_TOKENS)} (256 bytes + "
+            f"{len(SPECIAL_TOKENS)} special tokens)"
+        )
+    paths = expand_inputs(inputs)
+    tk = import_optional("tokenizers", "a byte-level BPE tokenizer")
+    tokenizer = tk.Tokenizer(tk.models.BPE())
+    tokenizer.pre_tokenizer = tk.pre_tokenizers.Sequence(
+        [
+            tk.pre_tokenizers.Split(tk.Regex(TIKTOKEN_PATTERN), behavior="isolated"),
+            tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = tk.decoders.ByteLevel()
+    trainer = tk.trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),  # every byte, so any text round-trips
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(training_documents(paths, text_key), trainer)
+    path = Path(f"{model_prefix}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tokenizer.save(str(tmp))
+        os.replace(tmp, path)  # a failed or killed run never leaves a half-written PREFIX.json
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def _sentencepiece_reason(e: RuntimeError) -> str:
     """sentencepiece errors look like 'INTERNAL: src/x.cc(638) [check] Reason. Fix.'; keep 'Reason. Fix.'."""
     text = " ".join(str(e).split())
@@ -101,12 +150,24 @@ def _sentencepiece_reason(e: RuntimeError) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m tools.train_tokenizer", description=__doc__.split("\n")[0])
-    p.add_argument("--input", nargs="+", required=True, help="text or JSONL (.jsonl/.json) files")
-    p.add_argument("--model-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
+    p.add_argument("--input", nargs="+", required=True, help="files, folders or quoted glob patterns")
+    p.add_argument(
+        "--model-prefix", required=True, help="writes PREFIX.model + PREFIX.vocab (sentencepiece) or PREFIX.json (bpe)"
+    )
     p.add_argument("--vocab-size", type=int, required=True)
-    p.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
-    p.add_argument("--json-key", default="text", help="field holding the document in JSONL records")
-    p.add_argument("--max-lines", type=int, default=0, help="train on a random sample of this many lines (0: all)")
+    p.add_argument("--kind", choices=KINDS, default="sentencepiece", help="sentencepiece model or byte-level BPE")
+    p.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe", help="sentencepiece's algorithm")
+    p.add_argument(
+        "--text-key",
+        "--json-key",
+        "--column",
+        dest="text_key",
+        default="text",
+        help="JSONL field / parquet column holding the document",
+    )
+    p.add_argument(
+        "--max-lines", type=int, default=0, help="sentencepiece: train on a random sample of this many lines (0: all)"
+    )
     p.add_argument("--character-coverage", type=float, default=1.0, help="e.g. 0.9995 for large CJK alphabets")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -115,20 +176,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        path = train_tokenizer(
-            args.input,
-            args.model_prefix,
-            args.vocab_size,
-            args.model_type,
-            args.json_key,
-            args.max_lines,
-            args.character_coverage,
-            args.seed,
-        )
+        if args.kind == "bpe":
+            if args.max_lines:
+                raise ValueError("--max-lines: sentencepiece only; give --kind bpe fewer input files instead")
+            path = train_bpe_tokenizer(args.input, args.model_prefix, args.vocab_size, args.text_key)
+        else:
+            path = train_tokenizer(
+                args.input,
+                args.model_prefix,
+                args.vocab_size,
+                args.model_type,
+                args.text_key,
+                args.max_lines,
+                args.character_coverage,
+                args.seed,
+            )
+        vocab = load_tokenizer(path).vocab_size
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{path}: {args.model_type} tokenizer, vocabulary {args.vocab_size}")
+    what = "byte-level BPE" if args.kind == "bpe" else f"sentencepiece {args.model_type}"
+    print(f"{path}: {what} tokenizer, vocabulary {vocab:,}")
     return 0
 
 

@@ -49,8 +49,9 @@ class DataConfig:
     path: str | None = None
     # Several datasets blended by weight (relative; normalised): [{path: ..., weight: ...}, ...]. Excludes `path`.
     datasets: list[DatasetConfig] = field(default_factory=list)
-    # The sentencepiece model the indexed datasets were built with; when set, its vocabulary is checked against
-    # model.vocab_size before training starts.
+    # The tokenizer the indexed datasets were built with (a sentencepiece .model, a tokenizer.json or its folder, or
+    # a .tiktoken file; data/tokenizer.py); when set, its vocabulary is checked against model.vocab_size before
+    # training starts, and the Hugging Face export ships it.
     tokenizer: str | None = None
     jsonl_key: str = "text"
     seq_len: int = 128
@@ -87,9 +88,10 @@ class DataConfig:
         )
         if self.tokenizer is not None:
             require(
-                Path(self.tokenizer).is_file(),
+                Path(self.tokenizer).exists(),
                 "data.tokenizer",
-                f"{self.tokenizer} does not exist; give the .model file from tools/train_tokenizer.py or null",
+                f"{self.tokenizer} does not exist; give a tokenizer from tools/train_tokenizer.py, a tokenizer.json or "
+                "its folder, a .tiktoken file, or null",
             )
 
     @property
@@ -113,7 +115,7 @@ class DataConfig:
                 f"{vocab_size} < {BYTE_VOCAB_SIZE} needed by the byte-level tokenizer of data.path",
             )
         if self.tokenizer is not None:
-            from data.tokenizer import tokenizer_vocab_size  # sentencepiece only when a tokenizer is configured
+            from data.tokenizer import tokenizer_vocab_size  # its library only when a tokenizer is configured
 
             try:
                 n = tokenizer_vocab_size(self.tokenizer)
