@@ -217,7 +217,7 @@ def test_tokenizer_is_exported_with_its_ids(tmp_path):
     pytest.importorskip("google.protobuf")  # transformers converts tokenizer.model with it
     from transformers import AutoTokenizer
 
-    assert any("ids equal sentencepiece's" in line for line in lines), lines
+    assert any("ids equal our sentencepiece tokenizer's" in line for line in lines), lines
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tok.model"))
     for s in ("the quick brown fox", "line 12: over the lazy dog\nline 13", "unseen wörds ÿ"):

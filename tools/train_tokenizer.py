@@ -196,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     what = "byte-level BPE" if args.kind == "bpe" else f"sentencepiece {args.model_type}"
-    print(f"{path}: {what} tokenizer, vocabulary {vocab:,}")
+    fewer = f" (not {args.vocab_size:,}: the corpus has no more pairs to merge)" if vocab < args.vocab_size else ""
+    print(f"{path}: {what} tokenizer, vocabulary {vocab:,}{fewer}")
     return 0
 
 

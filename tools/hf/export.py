@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from data.tokenizer import Tokenizer, load_tokenizer
 from model.config import ModelConfig, MoEConfig
 from tools.hf import layouts
 from tools.hf.checkpoint_io import ConversionError, load_decoder, resolve_step_dir
@@ -57,10 +58,24 @@ def choose_layout(moe: MoEConfig, fmt: str) -> tuple[str, list[str]]:
     return OWN, notes
 
 
-def _tokenizer_file(config: dict) -> Path | None:
+def _tokenizer_path(config: dict) -> Path | None:
     # data.tokenizer is a recent field; older checkpoints have none.
     path = (config.get("data") or {}).get("tokenizer")
     return Path(path) if path else None
+
+
+def _load_tokenizer(path: Path | None, notes: list[str]) -> Tokenizer | None:
+    """The run's tokenizer, or None with a note saying why none is exported."""
+    if path is None:
+        notes.append("the run has no data.tokenizer (synthetic or byte-level data); no tokenizer exported")
+        return None
+    try:
+        return load_tokenizer(path)
+    except FileNotFoundError:
+        notes.append(f"data.tokenizer {path} not found; tokenizer not exported")
+    except (ValueError, ImportError) as e:
+        notes.append(f"data.tokenizer: {e}; tokenizer not exported")
+    return None
 
 
 def export(
@@ -88,13 +103,8 @@ def export(
     layout, notes = choose_layout(moe, fmt)
     notes += layouts.training_only_notes(moe)
 
-    tok_file = _tokenizer_file(meta["config"])
-    if tok_file is not None and not tok_file.is_file():
-        notes.append(f"data.tokenizer {tok_file} not found; tokenizer not exported")
-        tok_file = None
-    elif tok_file is None:
-        notes.append("the run has no data.tokenizer (synthetic or byte-level data); no tokenizer exported")
-    tokens = special_ids(tok_file) if tok_file else {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    tokenizer = _load_tokenizer(_tokenizer_path(meta["config"]), notes)
+    tokens = special_ids(tokenizer) if tokenizer else {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
 
     torch_dtype, dtype_name = DTYPES[dtype]
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
@@ -109,13 +119,13 @@ def export(
         for name in REMOTE_CODE:
             shutil.copyfile(HF_DIR / name, tmp / name)
         files += REMOTE_CODE
-    if tok_file is not None:
-        files += export_tokenizer(tok_file, tmp, mcfg.max_seq_len)
+    if tokenizer is not None:
+        files += export_tokenizer(tokenizer, tmp, mcfg.max_seq_len)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)  # a half-written export never sits under the requested name
-    if tok_file is not None:
-        notes.append(probe(tok_file, out_dir))
+    if tokenizer is not None:
+        notes.append(probe(tokenizer, out_dir))
     for note in notes:
         log(note)
     log(f"exported {step_dir} -> {out_dir} ({layout} layout, {dtype_name}, {len(files)} files)")

@@ -65,8 +65,16 @@ def import_hf(hf_dir: Path, out_dir: Path, log: Callable[[str], None] = print) -
     if (hf_dir / "tokenizer.model").is_file():
         shutil.copyfile(hf_dir / "tokenizer.model", out_dir / "tokenizer.model")
         data.tokenizer = str((out_dir / "tokenizer.model").resolve())
+    elif (hf_dir / "tokenizer.json").is_file():
+        # A tokenizer folder (data/tokenizer.py reads its special tokens from tokenizer_config.json).
+        tok_dir = out_dir / "tokenizer"
+        tok_dir.mkdir()
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if (hf_dir / name).is_file():
+                shutil.copyfile(hf_dir / name, tok_dir / name)
+        data.tokenizer = str(tok_dir.resolve())
     else:
-        notes.append("no tokenizer.model in the folder; data.tokenizer left unset")
+        notes.append("no tokenizer.model or tokenizer.json in the folder; data.tokenizer left unset")
     config = Config(model=model_cfg, moe=moe_cfg, data=data, name=hf_dir.resolve().name)
     step_dir = save_checkpoint(out_dir, model, config, {"hf_dir": str(hf_dir.resolve()), "layout": layout})
     for note in notes:
