@@ -257,3 +257,38 @@ def test_capacity_is_training_only_and_said(tmp_path):
         # Capacity 0.5 really drops tokens in training mode; evaluation (like the export) is dropless.
         assert not torch.allclose(got, ours.train()(x).logits_BSV, atol=1e-3)
         torch.testing.assert_close(ours.eval()(x).logits_BSV, got, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("kind", ["huggingface", "huggingface-folder", "tiktoken"])
+def test_tokenizer_json_kinds_are_exported_with_their_ids(kind, tmp_path):
+    from transformers import AutoTokenizer
+
+    from data.tokenizer import load_tokenizer
+    from tests.tokenizer_files import ROUND_TRIP_TEXTS, tokenizer_of_kind
+
+    path = tokenizer_of_kind(kind, tmp_path)
+    ours = load_tokenizer(path)
+    (model_cfg, moe_cfg), _ = CASES["release"]
+    model_cfg.vocab_size = ours.vocab_size
+    save_run(tmp_path / "run", model_cfg, moe_cfg, tokenizer=path)
+    lines: list[str] = []
+    result = export(tmp_path / "run", tmp_path / "hf", log=lines.append)
+    assert {"tokenizer.json", "tokenizer_config.json"} <= set(result.files) and "tokenizer.model" not in result.files
+    if kind != "tiktoken":  # shipped as it is; tiktoken's ranks are converted
+        source = path / "tokenizer.json" if path.is_dir() else path
+        assert (tmp_path / "hf/tokenizer.json").read_bytes() == source.read_bytes()
+    tok_cfg = json.loads((tmp_path / "hf/tokenizer_config.json").read_text())
+    assert (
+        tok_cfg["tokenizer_class"] == "PreTrainedTokenizerFast" and tok_cfg["eos_token"] == ours.special_tokens["eos"]
+    )
+    assert ("chat_template" in tok_cfg) == (kind == "huggingface-folder")
+    cfg = json.loads((tmp_path / "hf/config.json").read_text())
+    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (ours.bos_id, ours.eod_id, ours.pad_id)
+
+    assert any(f"ids equal our {ours.kind} tokenizer's" in line for line in lines), lines
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert tok.eos_token_id == ours.eod_id and tok.bos_token_id == ours.bos_id
+    for text in ROUND_TRIP_TEXTS:
+        ids = tok(text)["input_ids"]
+        assert ids == ours.encode([text])[0]
+        assert tok.decode(ids, skip_special_tokens=True) == text

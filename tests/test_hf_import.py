@@ -161,6 +161,25 @@ def test_pretraining_continues_from_an_imported_checkpoint(tmp_path):
     assert record["step"] == 2 and record["loss"] == record["loss"]  # finite, resumed from step 0
 
 
+def test_an_exported_tokenizer_json_comes_back_as_the_runs_tokenizer(tmp_path):
+    from data.tokenizer import load_tokenizer
+    from tests.tokenizer_files import ROUND_TRIP_TEXTS, llama_like_folder
+
+    source = load_tokenizer(llama_like_folder(tmp_path))
+    model_cfg, moe_cfg = tiny(logits_std_norm=True)
+    model_cfg.vocab_size = source.vocab_size
+    save_run(tmp_path / "run", model_cfg, moe_cfg, tokenizer=source.path)
+    export(tmp_path / "run", tmp_path / "hf", **QUIET)
+    import_hf(tmp_path / "hf", tmp_path / "ckpt", **QUIET)
+    import yaml
+
+    data = yaml.safe_load((tmp_path / "ckpt/config.yaml").read_text())["data"]
+    assert data["tokenizer"] == str((tmp_path / "ckpt" / "tokenizer").resolve())
+    back = load_tokenizer(data["tokenizer"])
+    assert (back.kind, back.bos_id, back.eod_id, back.vocab_size) == ("huggingface", 300, 301, 302)
+    assert [back.encode([t]) for t in ROUND_TRIP_TEXTS] == [source.encode([t]) for t in ROUND_TRIP_TEXTS]
+
+
 def test_command_line(tmp_path, capsys):
     from tools.convert_from_hf import main
 

@@ -73,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"interrupted: no dataset written under {args.output_prefix}", file=sys.stderr)
         return 130
     for f in r.files:
-        for problem in f.problems(args.text_key):
-            print(f"warning: {f.path}: {problem}", file=sys.stderr)
+        problems = f.problems(args.text_key)
+        if problems:
+            print(f"warning: {f.path}: {', '.join(problems)}", file=sys.stderr)
     skipped = [f"{r.skipped_records:,} bad record(s)"] if r.skipped_records else []
     skipped += [f"{len(r.skipped_files)} unreadable file(s)"] if r.skipped_files else []
     skipped += [f"{r.empty_documents:,} empty document(s)"] if r.empty_documents else []
