@@ -1,13 +1,18 @@
-"""Data pipeline speed: preprocessing MB/s with 1 and 2 workers, loader tokens/s vs training tokens/s (tiny-cpu).
+"""Data pipeline speed: preprocessing MB/s with 1 and 2 workers, loader tokens/s vs training tokens/s (tiny-cpu),
+and preprocessing throughput per input format and tokenizer kind.
 
     python bench/data_pipeline.py [--data-dir ../shared/data] [--config configs/tiny-cpu.yaml] [--steps 30]
+        [--formats-vocab 8192] [--no-formats]
 
 Trains a BPE tokenizer of the config's vocabulary size on the *.txt files of --data-dir, preprocesses them into an
 indexed dataset (median of --repeats runs per worker count; wall time including worker start-up), times
 `TrainData.global_batch` on it at the config's global batch and sequence length, and trains the config on it for
---steps steps. The loader must never be the bottleneck: the table reports loader / training tokens/s. Prints the
-table and writes the "Data pipeline" section of docs/benchmarks.md (other sections are kept). Runs in well under
-two minutes on 2 CPU cores; never run by the tests.
+--steps steps. The loader must never be the bottleneck: the table reports loader / training tokens/s. Then
+(bench/preprocess_formats.py) the same documents are converted to .txt/.jsonl/.jsonl.gz/.jsonl.zst/.parquet in a
+temporary folder and preprocessed with a sentencepiece, a tokenizer.json and a .tiktoken tokenizer of
+--formats-vocab ids, with 1 and 2 workers. Prints the tables, writes the "Data pipeline" and "Preprocessing by
+input format and tokenizer" sections of docs/benchmarks.md (other sections are kept) and
+docs/benchmarks/data_pipeline.json. Runs in a few minutes on 2 CPU cores; never run by the tests.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # Only light modules at the top: preprocessing spawns workers, and a spawned worker re-imports this module, so
 # torch (data.loader, train.*) is imported inside the functions that need it.
-from bench.report import markdown_table, write_section
+from bench import preprocess_formats
+from bench.report import markdown_table, write_json, write_section
 from data.preprocess import preprocess
 from tools.train_tokenizer import train_tokenizer
 
@@ -84,6 +90,8 @@ def main() -> None:
     p.add_argument("--config", default="configs/tiny-cpu.yaml")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--formats-vocab", type=int, default=8192, help="vocabulary of the per-format/kind tokenizers")
+    p.add_argument("--no-formats", action="store_true", help="skip the per-format/kind preprocessing table")
     p.add_argument("--no-write", action="store_true", help="print only, leave docs/benchmarks.md alone")
     args = p.parse_args()
     from data.loader import build_data
@@ -119,6 +127,7 @@ def main() -> None:
             f"train.run_dir={run_dir}",
         ]
         train_tps = time_training(args.config, overrides, run_dir)
+        formats = None if args.no_formats else time_formats(inputs, tmp / "formats", args.formats_vocab, args.repeats)
 
     names = ", ".join(f.name for f in inputs)
     rows = [
@@ -145,9 +154,89 @@ def main() -> None:
         "figure is one process assembling whole global batches from the memory-mapped dataset; training tokens/s is "
         "the median of the logged intervals after the first.\n\n" + table
     )
+    results = {
+        "command": " ".join(["python", *sys.argv]),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine_facts(load_before),
+        "versions": library_versions(),
+        "inputs": {f.name: f.stat().st_size for f in inputs},
+        "pipeline": {
+            "tokenizer": f"sentencepiece BPE, vocab {vocab}",
+            "tokenizer_training_s": tok_seconds,
+            "preprocessing_mb_per_s": {str(w): mbs[w] for w in (1, 2)},
+            "preprocessing_cores_busy": {str(w): busy[w] for w in (1, 2)},
+            "dataset_tokens": tokens,
+            "loader_tokens_per_s": loader_tps,
+            "training_tokens_per_s": train_tps,
+            "training_config": args.config,
+            "training_steps": args.steps,
+        },
+    }
+    if formats is not None:
+        cells, differ, formats_table = formats
+        print("\n" + formats_table)
+        results["preprocessing"] = {
+            "vocab_size": args.formats_vocab,
+            "repeats": args.repeats,
+            "identical_across_formats_and_workers": not differ,
+            "cells": preprocess_formats.cells_json(cells),
+        }
     if not args.no_write:
         write_section("Data pipeline", body)
         print("wrote the 'Data pipeline' section of docs/benchmarks.md")
+        if formats is not None:
+            write_section("Preprocessing by input format and tokenizer", formats_body(args, machine, formats))
+            print("wrote the 'Preprocessing by input format and tokenizer' section of docs/benchmarks.md")
+        print(f"wrote {write_json('data_pipeline', results).relative_to(ROOT)}")
+
+
+def time_formats(inputs: list[Path], out: Path, vocab: int, repeats: int) -> tuple[list, list[str], str]:
+    """(cells, the outputs that differ from the others of their tokenizer, the markdown table)."""
+    out.mkdir()
+    shards = preprocess_formats.write_formats(inputs, out)
+    tokenizers = preprocess_formats.build_tokenizers(inputs, out, vocab)
+    workers = (1, 2)
+    cells = preprocess_formats.run_cells(shards, tokenizers, out, workers, repeats)
+    differ = preprocess_formats.check_identical(out, cells)
+    return cells, differ, markdown_table(*preprocess_formats.table_rows(cells, workers))
+
+
+def formats_body(args: argparse.Namespace, machine: str, formats: tuple[list, list[str], str]) -> str:
+    _, differ, table = formats
+    same = "identical" if not differ else f"NOT identical ({', '.join(differ)} differ)"
+    return (
+        f"`python bench/data_pipeline.py` on {time.strftime('%Y-%m-%d')}: {machine}. The documents of the input "
+        f"files, as one shard per file in each format; tokenizers of {args.formats_vocab:,} ids trained on them (a "
+        "sentencepiece BPE, a byte-level BPE tokenizer.json, and a .tiktoken file holding that BPE's ranks). Each "
+        f"cell: MB/s of document text (UTF-8) / tokens per second, median of {args.repeats} runs, wall time "
+        f"including the start of the workers. For each tokenizer the .bin/.idx of every format and worker count "
+        f"were {same}. Machine-readable: docs/benchmarks/data_pipeline.json.\n\n" + table
+    )
+
+
+def machine_facts(load_before: float) -> dict:
+    import torch
+
+    return {
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "load_average_at_start": load_before,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = ("sentencepiece", "tokenizers", "tiktoken", "pyarrow", "zstandard", "numpy")
+    found = {}
+    for name in names:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found
 
 
 if __name__ == "__main__":

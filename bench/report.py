@@ -1,7 +1,9 @@
-"""Shared by the benchmarks: write one named section of docs/benchmarks.md, keeping the others."""
+"""Shared by the benchmarks: write one named section of docs/benchmarks.md, keeping the others, and a benchmark's
+machine-readable results as docs/benchmarks/NAME.json."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -26,3 +28,11 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def write_json(name: str, results: dict, folder: Path = BENCHMARKS_MD.parent / "benchmarks") -> Path:
+    """docs/benchmarks/NAME.json (replaced)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    return path
