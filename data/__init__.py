@@ -1,1 +1,2 @@
-"""Training data: the embedded synthetic corpus, a byte-level fallback for text files, windowing and sampling."""
+"""Training data: the embedded synthetic corpus, a byte-level fallback for text files, input readers and tokenizers
+for preprocessing, indexed datasets, windowing and sampling."""

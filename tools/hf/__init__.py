@@ -7,7 +7,7 @@
 | `weights.py` | the one table between our parameter names/slices and the Hugging Face keys (both directions) |
 | `import_config.py` | config.json -> our model/moe sections, or a one-line refusal |
 | `safetensors_io.py` | sharded safetensors + index, written shard by shard, read lazily |
-| `tokenizer.py` | sentencepiece `tokenizer.model` + `tokenizer_config.json` (LlamaTokenizer) |
+| `tokenizer.py` | the run's tokenizer: `tokenizer.model` (LlamaTokenizer) or `tokenizer.json` (fast) + config |
 | `checkpoint_io.py` | our checkpoints: load any layout into one CPU process; write an imported model as step 0 |
 | `export.py`, `importer.py` | the two conversions |
 
