@@ -85,7 +85,7 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
                 raise ValueError(
                     f"{path}: no .txt, .jsonl, .json (optionally .gz/.zst) or .parquet files in the folder"
                 )
-        elif not path.exists() and glob.has_magic(text):
+        elif not path.exists() and any(c in text for c in "*?["):
             found = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
             if not found:
                 raise FileNotFoundError(f"{text}: no file matches the pattern; check it (quote it for the shell)")
