@@ -94,7 +94,7 @@ def main() -> None:
         "The stall is how long the training loop is blocked: the whole save when synchronous, only the staging "
         "copy when asynchronous (the write then overlaps training). Shard checksums (`checkpoint.verify: true`, "
         f"the default) add {hash_s / sync_s:.0%} to a synchronous save and {verify_s / load_s:.0%} to a load "
-        f"(CRC-32 of every file, {os.cpu_count()} threads, files in the page cache)."
+        f"(CRC-32 of every file, {os.cpu_count()} threads; each file is read once more)."
     )
     print(body)
     if not args.no_write:
