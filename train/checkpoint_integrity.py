@@ -63,11 +63,11 @@ def verify_checksums(path: Path, meta: dict[str, Any], ctx: ParallelContext) -> 
 
 def require_checksums_for(path: Path, meta: dict[str, Any], files: set[str]) -> None:
     """Each shard file the DCP metadata reads from has a recorded checksum (so none was swapped in unverified)."""
-    recorded = meta[CHECKSUMS_FIELD]
-    for name in sorted(files - set(recorded)):
+    unrecorded = sorted(files - set(meta[CHECKSUMS_FIELD]))
+    if unrecorded:
         raise CheckpointError(
-            f"{Path(path) / name}: no checksum recorded in meta.json for this shard; the checkpoint is incomplete "
-            "or altered, pick another step"
+            f"{Path(path) / unrecorded[0]}: no checksum recorded in meta.json for this shard; the checkpoint is "
+            "incomplete or altered, pick another step"
         )
 
 
