@@ -1,7 +1,7 @@
 """Export a checkpoint (any parallel layout) to a Hugging Face folder, on CPU, in one process.
 
     python tools/convert_to_hf.py --checkpoint RUN_OR_STEP_DIR --out HF_DIR [--dtype fp32|bf16]
-        [--format auto|moepp|mixtral] [--max-shard-size-mb N] [--overwrite]
+        [--format auto|moepp|mixtral] [--max-shard-size-mb N] [--overwrite] [--no-verify]
 
 MoE++ models get the layout of the public MoE++-7B release when it expresses them exactly, else our own config
 fields (the console says why); both load with AutoModelForCausalLM.from_pretrained(HF_DIR, trust_remote_code=True).
@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--format", choices=["auto", "moepp", "mixtral"], default="auto")
     p.add_argument("--max-shard-size-mb", type=int, default=5 * 1024)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument(
+        "--no-verify", action="store_true", help="skip the shard checksums (for a checkpoint saved without them)"
+    )
     args = p.parse_args(argv)
     from tools.hf.export import export
 
@@ -41,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             fmt=args.format,
             max_shard_bytes=args.max_shard_size_mb * 1024**2,
             overwrite=args.overwrite,
+            verify=not args.no_verify,
         )
     except (ConversionError, CheckpointError, ConfigError) as e:
         print(f"convert_to_hf: {e}", file=sys.stderr)

@@ -3,13 +3,16 @@ can load them (DCP reshards), and a kill at any moment never leaves a half check
 
 Layout of a checkpoint directory `<dir>/step_00001000/`:
   `__<rank>_0.distcp` + `.metadata`  DCP shards of the model and AdamW state (tensors only)
-  `meta.json`                        step, consumed samples, RNG state, the run's config (written last)
+  `meta.json`                        step, consumed samples, RNG state, the run's config, the size and CRC-32
+                                     of every other file (written last)
 `<dir>/latest` names the newest complete step directory; it is replaced atomically after the rename.
 
-Sequence of a save: all ranks write into `.tmp-step_XXXXXXXX` -> barrier -> rank 0 writes meta.json, renames the
-directory to `step_XXXXXXXX`, then rewrites `latest`, then prunes old steps. Loading reads tensors with
-`weights_only=True` and the DCP metadata through an unpickler that admits only DCP's own metadata classes, so a
-checkpoint can never execute code.
+Sequence of a save: all ranks write into `.tmp-step_XXXXXXXX` -> barrier -> rank 0 hashes the files and writes
+meta.json, renames the directory to `step_XXXXXXXX`, then rewrites `latest`, then prunes old steps. Loading compares
+every file with its checksum, reads the DCP metadata through an unpickler that builds only the exact classes DCP's
+metadata is made of, refuses byte entries and any model or optimizer tensor the checkpoint does not cover entirely,
+and reads tensors with `weights_only=True`: a checkpoint can never execute code or leave a parameter unfilled
+(train/checkpoint_safety.py, train/checkpoint_integrity.py).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import pickle
 import shutil
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -33,14 +36,19 @@ from torch.distributed.tensor import DTensor, Shard
 
 from model.experts import FFNExperts
 from parallel.mesh import ParallelContext
+from train.checkpoint_integrity import require_checksums_for, shard_checksums, verify_checksums
+from train.checkpoint_safety import (
+    CheckpointError,
+    TensorsOnlyLoadPlanner,
+    check_covers,
+    check_metadata,
+    referenced_files,
+    unpickle_metadata,
+)
 from train.config import upgrade_config
 
 STEP_PREFIX = "step_"
 META_FILE = "meta.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used. One line naming the file or field and what to do."""
 
 
 def step_dir_name(step: int) -> str:
@@ -51,36 +59,15 @@ def step_dir_name(step: int) -> str:
 # Safe reading of DCP metadata
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """DCP pickles its metadata; allow only the classes that metadata is made of, never arbitrary callables."""
-
-    _ALLOWED: ClassVar[set[tuple[str, str]]] = {
-        ("pathlib", "PosixPath"),
-        ("pathlib", "WindowsPath"),
-        ("pathlib", "PurePosixPath"),
-        ("torch", "Size"),
-        ("torch.serialization", "_get_layout"),
-        ("collections", "OrderedDict"),
-    }
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module.startswith("torch.distributed.checkpoint.") and not name.startswith("__"):
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from checkpoint metadata")
-
-
 class SafeFileSystemReader(FileSystemReader):
     def read_metadata(self, *args: Any, **kwargs: Any):  # type: ignore[override]
         path = Path(self.path) / ".metadata"
         try:
             with path.open("rb") as f:
-                metadata = _MetadataUnpickler(f).load()
+                metadata = unpickle_metadata(f)
         except (OSError, EOFError, pickle.UnpicklingError, AttributeError) as e:
             raise CheckpointError(f"{path}: unreadable DCP metadata ({e}); resume from an earlier step") from None
+        check_metadata(metadata, path)
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -145,11 +132,14 @@ def init_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
 
 
 class Checkpointer:
-    def __init__(self, ckpt_dir: Path, ctx: ParallelContext, keep_last: int, async_save: bool = False) -> None:
+    def __init__(
+        self, ckpt_dir: Path, ctx: ParallelContext, keep_last: int, async_save: bool = False, verify: bool = True
+    ) -> None:
         self.dir = Path(ckpt_dir)
         self.ctx = ctx
         self.keep_last = keep_last
         self.async_save = async_save
+        self.verify = verify  # record shard checksums in meta.json
         self._pending: tuple[Future, Path, Path, dict[str, Any]] | None = None
 
     def _barrier(self) -> None:
@@ -191,6 +181,7 @@ class Checkpointer:
     def _publish(self, tmp: Path, final: Path, meta: dict[str, Any]) -> None:
         self._barrier()  # every rank's shards are on disk
         if self.ctx.is_logging_rank:
+            meta = {**meta, "checksums": shard_checksums(tmp) if self.verify else None}
             _write_json(tmp / META_FILE, meta)  # written last: a directory without it was never complete
             _fsync_tree(tmp)
             if final.exists():  # re-saving a step (e.g. after a resume): swap only once the new one is whole
@@ -282,17 +273,29 @@ def verify_shards(path: Path) -> None:
 
 
 def load_training_state(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, ctx: ParallelContext
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, ctx: ParallelContext, verify: bool = True
 ) -> dict[str, Any]:
-    """Fill model (and optimizer) in place from a checkpoint of any layout; returns its meta.json."""
+    """Fill model (and optimizer) in place from a checkpoint of any layout; returns its meta.json. verify: compare
+    every shard with the checksum meta.json records first (refusing a checkpoint that recorded none)."""
     path = Path(path)
     meta = read_meta(path)
+    if verify:
+        verify_checksums(path, meta, ctx)
     verify_shards(path)
+    metadata = SafeFileSystemReader(path).read_metadata()
+    if verify:
+        require_checksums_for(path, meta, referenced_files(metadata))
     if optimizer is not None:
         init_optimizer_state(model, optimizer)
     state = training_state(model, optimizer, ctx)
+    check_covers(metadata, state, path)
     try:
-        dcp.load(state, storage_reader=SafeFileSystemReader(path), no_dist=not ctx.distributed)
+        dcp.load(
+            state,
+            storage_reader=SafeFileSystemReader(path),
+            planner=TensorsOnlyLoadPlanner(),
+            no_dist=not ctx.distributed,
+        )
     except CheckpointError:
         raise
     except Exception as e:  # DCP's own errors are long; name the directory and the cause

@@ -224,6 +224,9 @@ class CheckpointConfig:
     keep_last: int = 2
     # YAML key `async`: stage tensors and write them in the background (dcp.async_save).
     async_: bool = False
+    # Record the size and CRC-32 of every shard in meta.json at save and compare them on load. Costs an extra read
+    # of the checkpoint per save and per load (docs/benchmarks.md, "Checkpoint I/O").
+    verify: bool = True
 
     def validate(self) -> None:
         require(self.interval >= 0, "checkpoint.interval", "must be >= 0")

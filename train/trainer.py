@@ -90,13 +90,15 @@ def run(cfg: Config) -> dict[str, Any]:
     grad_sync = GradSync(model, ctx)
     data = build_data(cfg.data, tc.seed)
     amp = autocast_context(device, tc.dtype)
-    checkpointer = Checkpointer(cfg.checkpoint_dir, ctx, cfg.checkpoint.keep_last, cfg.checkpoint.async_)
+    checkpointer = Checkpointer(
+        cfg.checkpoint_dir, ctx, cfg.checkpoint.keep_last, cfg.checkpoint.async_, verify=cfg.checkpoint.verify
+    )
 
     start_step, consumed = 0, 0
     resume_from = resume_path(cfg)
     if resume_from is not None:
         check_compatible(read_meta(resume_from), cfg.to_dict(), resume_from)
-        meta = load_training_state(resume_from, model, optimizer, ctx)
+        meta = load_training_state(resume_from, model, optimizer, ctx, verify=cfg.checkpoint.verify)
         start_step, consumed = meta["step"], meta["consumed_samples"]
 
     run_dir = cfg.run_dir

@@ -59,12 +59,13 @@ def model_sections(config: dict[str, Any]) -> tuple[ModelConfig, MoEConfig]:
         raise ConversionError(f"meta.json: config has no {e} section") from None
 
 
-def load_decoder(step_dir: Path) -> tuple[Decoder, dict[str, Any]]:
-    """(model in fp32 on CPU, meta.json) from a checkpoint step directory of any layout."""
+def load_decoder(step_dir: Path, verify: bool = True) -> tuple[Decoder, dict[str, Any]]:
+    """(model in fp32 on CPU, meta.json) from a checkpoint step directory of any layout; verify: compare the shards
+    with the checksums meta.json records."""
     meta = read_meta(step_dir)
     model_cfg, moe_cfg = model_sections(meta["config"])
     model = Decoder(model_cfg, moe_cfg)
-    load_training_state(step_dir, model, None, world_of_one())
+    load_training_state(step_dir, model, None, world_of_one(), verify=verify)
     return model.eval(), meta
 
 

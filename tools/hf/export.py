@@ -86,6 +86,7 @@ def export(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     overwrite: bool = False,
     log: Callable[[str], None] = print,
+    verify: bool = True,
 ) -> ExportResult:
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
@@ -93,7 +94,7 @@ def export(
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise ConversionError(f"{out_dir}: exists and is not empty; pick a new folder or pass --overwrite")
     step_dir = resolve_step_dir(checkpoint)
-    model, meta = load_decoder(step_dir)
+    model, meta = load_decoder(step_dir, verify=verify)
     mcfg, moe = model.cfg, model.moe_cfg
     blockers = layouts.export_blockers(moe)
     if blockers:
