@@ -20,9 +20,9 @@ from model.config import ConfigError, require
 from parallel.config import DEFAULT_TIMEOUT_S, ParallelConfig
 
 
-class CollectiveTimeout(RuntimeError):
-    """A rank waited longer than parallel.timeout_s for the other ranks or for its own background work. The message
-    is one line naming what was waited for."""
+class CollectiveError(RuntimeError):
+    """A rank gave up waiting for the other ranks (parallel.timeout_s passed, or a peer died) or for its own
+    background checkpoint write. The message is one line naming what was waited for."""
 
 
 @dataclass(frozen=True)

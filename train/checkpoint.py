@@ -40,7 +40,7 @@ from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.tensor import DTensor, Shard
 
 from model.experts import FFNExperts
-from parallel.mesh import CollectiveTimeout, ParallelContext
+from parallel.mesh import CollectiveError, ParallelContext
 from train.config import upgrade_config
 
 STEP_PREFIX = "step_"
@@ -171,7 +171,7 @@ class Checkpointer:
         try:
             dist.barrier()
         except RuntimeError as e:  # gloo: a peer did not arrive within parallel.timeout_s, or died
-            raise CollectiveTimeout(
+            raise CollectiveError(
                 f"{what}: rank {self.ctx.rank} waited for the other ranks and gave up ({_first_line(e)}); a rank "
                 f"stopped or stalled, or parallel.timeout_s={self.ctx.timeout_s:g} is too short"
             ) from e
@@ -219,13 +219,13 @@ class Checkpointer:
         try:
             future.result(timeout=self.ctx.timeout_s)
         except FutureTimeout:
-            raise CollectiveTimeout(
+            raise CollectiveError(
                 f"checkpoint {final.name}: background write did not finish within {self.ctx.timeout_s:g} s on rank "
                 f"{self.ctx.rank} (parallel.timeout_s); check the storage under {self.dir} or raise the timeout; "
                 f"{_latest_note(self.dir)}"
             ) from None
         except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
-            raise CollectiveTimeout(
+            raise CollectiveError(
                 f"checkpoint {final.name}: background write failed on rank {self.ctx.rank} ({_first_line(e)}); "
                 f"{_latest_note(self.dir)}"
             ) from e
