@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from model.config import ConfigError, require
-from parallel.config import ParallelConfig
+from parallel.config import DEFAULT_TIMEOUT_S, ParallelConfig
+
+
+class CollectiveError(RuntimeError):
+    """A rank gave up waiting for the other ranks (parallel.timeout_s passed, or a peer died) or for its own
+    background checkpoint write. The message is one line naming what was waited for."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,8 @@ class ParallelContext:
     rank: int
     device: torch.device
     mesh: DeviceMesh | None = None
+    # How long a rank waits for the others (every process group's timeout) or for a background checkpoint write.
+    timeout_s: float = DEFAULT_TIMEOUT_S
 
     @property
     def distributed(self) -> bool:
@@ -129,12 +137,19 @@ def init_parallel(cfg: ParallelConfig, device_type: str) -> ParallelContext:
     dims = ParallelDims.from_config(cfg, world_size)
     device = torch.device(device_type, local_rank) if device_type == "cuda" else torch.device(device_type)
     if world_size == 1:
-        return ParallelContext(dims, 0, device)
+        return ParallelContext(dims, 0, device, timeout_s=cfg.timeout_s)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    timeout = timedelta(seconds=cfg.timeout_s)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return ParallelContext(dims, rank, device, build_mesh(dims, device.type))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    mesh = build_mesh(dims, device.type)
+    # The mesh's sub-groups get torch's default timeout (30 min gloo, 10 min NCCL), not init_process_group's; set
+    # it on each as torchtitan does. _set_pg_timeout is private but present in every supported torch (>= 2.3).
+    for name in ("pp", "edp", "ep", "tp", "dp"):
+        dist.distributed_c10d._set_pg_timeout(timeout, mesh[name].get_group())
+    dist.distributed_c10d._set_pg_timeout(timeout, None)  # an already-initialised default group, too
+    return ParallelContext(dims, rank, device, mesh, cfg.timeout_s)
 
 
 def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh:

@@ -67,3 +67,10 @@ def test_pipeline_stage_split():
 def test_pipeline_and_sequence_parallel_are_exclusive():
     with pytest.raises(ConfigError, match="parallel.sequence_parallel: not supported together with pipeline"):
         ParallelDims.from_config(ParallelConfig(pp=2, tp=2, sequence_parallel=True), 4)
+
+
+@pytest.mark.parametrize("value", ["0", "-5", ".inf", ".nan"])
+def test_timeout_must_be_a_positive_finite_number_of_seconds(value):
+    with pytest.raises(ConfigError) as info:
+        load_config("configs/tiny-cpu.yaml", [f"parallel.timeout_s={value}"])
+    assert str(info.value).startswith("parallel.timeout_s: must be a positive number of seconds")

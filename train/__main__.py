@@ -27,12 +27,20 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(config_path, overrides)
     except ConfigError as e:
         return _error(f"config error: {e}")
+    from parallel.mesh import CollectiveError
     from train.trainer import run
 
     try:
         run(cfg)
     except ConfigError as e:  # layout checks that need WORLD_SIZE run inside run()
         return _error(f"config error: {e}")
+    except CollectiveError as e:
+        # Only the rank that waited knows what it waited for: every such rank prints its line. Then leave at once:
+        # a normal exit joins the stuck background writer thread (and a stuck peer never arrives), so it would hang.
+        print(f"error: {e}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         # Bad data or device requests surface as one line; real bugs keep their traceback (other exceptions).
         if isinstance(e, RuntimeError) and not str(e).startswith("train."):

@@ -13,6 +13,10 @@ every file with its checksum, reads the DCP metadata through an unpickler that b
 metadata is made of, refuses byte entries and any model or optimizer tensor the checkpoint does not cover entirely,
 and reads tensors with `weights_only=True`: a checkpoint can never execute code or leave a parameter unfilled
 (train/checkpoint_safety.py, train/checkpoint_integrity.py).
+
+An asynchronous save writes in a background thread whose collectives run on a gloo group of their own (sharing the
+training step's groups, the two threads' collectives would interleave and deadlock); it is published the same way,
+once every rank's write has finished.
 """
 
 from __future__ import annotations
@@ -22,7 +26,10 @@ import json
 import os
 import pickle
 import shutil
+import threading
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +38,12 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.tensor import DTensor, Shard
 
 from model.experts import FFNExperts
-from parallel.mesh import ParallelContext
+from parallel.mesh import CollectiveError, ParallelContext
 from train.checkpoint_integrity import require_checksums_for, shard_checksums, verify_checksums
 from train.checkpoint_safety import (
     CheckpointError,
@@ -49,6 +57,10 @@ from train.config import upgrade_config
 
 STEP_PREFIX = "step_"
 META_FILE = "meta.json"
+# Fault injection for the multi-process tests, unset in real runs: STEP or STEP@RANK makes the shard write of that
+# step stall on every rank (or on RANK only) once its shards are on disk, before DCP's `.metadata`, until the process
+# ends; a test can then kill a run in the middle of a save, or watch the other ranks time out.
+STALL_WRITE_ENV = "MOEPP_TEST_STALL_CHECKPOINT_WRITE"
 
 
 def step_dir_name(step: int) -> str:
@@ -141,10 +153,24 @@ class Checkpointer:
         self.async_save = async_save
         self.verify = verify  # record shard checksums in meta.json
         self._pending: tuple[Future, Path, Path, dict[str, Any]] | None = None
+        self._async_group: dist.ProcessGroup | None = None
 
-    def _barrier(self) -> None:
-        if self.ctx.distributed:
+    def _barrier(self, what: str) -> None:
+        if not self.ctx.distributed:
+            return
+        try:
             dist.barrier()
+        except RuntimeError as e:  # gloo: a peer did not arrive within parallel.timeout_s, or died
+            raise CollectiveError(
+                f"{what}: rank {self.ctx.rank} waited for the other ranks and gave up ({_first_line(e)}); a rank "
+                f"stopped or stalled, or parallel.timeout_s={self.ctx.timeout_s:g} is too short"
+            ) from e
+
+    def _background_group(self) -> dist.ProcessGroup | None:
+        """The gloo group the background writes synchronise on, created once, by every rank at the same save."""
+        if self.ctx.distributed and self._async_group is None:
+            self._async_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.ctx.timeout_s))
+        return self._async_group
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any]) -> Path:
         """Write step `step`; with async_save the tensors are staged now and written in the background, and the
@@ -157,12 +183,17 @@ class Checkpointer:
             if tmp.exists():  # left by a killed run: never complete, safe to drop
                 shutil.rmtree(tmp)
             tmp.mkdir()
-        self._barrier()
+        self._barrier(f"checkpoint {final.name}: creating {tmp.name}")
         state = training_state(model, optimizer, self.ctx)
         meta = {"step": step, **meta, "rng": _rng_state()}
-        writer = FileSystemWriter(tmp)
+        writer = _ShardWriter(tmp, stall=_stall_requested(step, self.ctx.rank))
         if self.async_save:
-            future = dcp.async_save(state, storage_writer=writer, no_dist=not self.ctx.distributed)
+            future = dcp.async_save(
+                state,
+                storage_writer=writer,
+                process_group=self._background_group(),
+                no_dist=not self.ctx.distributed,
+            )
             self._pending = (future, tmp, final, meta)
         else:
             dcp.save(state, storage_writer=writer, no_dist=not self.ctx.distributed)
@@ -170,16 +201,28 @@ class Checkpointer:
         return final
 
     def finish(self) -> None:
-        """Wait for an in-flight asynchronous save and publish it."""
+        """Wait for an in-flight asynchronous save (at most parallel.timeout_s) and publish it."""
         if self._pending is None:
             return
         future, tmp, final, meta = self._pending
         self._pending = None
-        future.result()
+        try:
+            future.result(timeout=self.ctx.timeout_s)
+        except FutureTimeout:
+            raise CollectiveError(
+                f"checkpoint {final.name}: background write did not finish within {self.ctx.timeout_s:g} s on rank "
+                f"{self.ctx.rank} (parallel.timeout_s); check the storage under {self.dir} or raise the timeout; "
+                f"{_latest_note(self.dir)}"
+            ) from None
+        except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+            raise CollectiveError(
+                f"checkpoint {final.name}: background write failed on rank {self.ctx.rank} ({_first_line(e)}); "
+                f"{_latest_note(self.dir)}"
+            ) from e
         self._publish(tmp, final, meta)
 
     def _publish(self, tmp: Path, final: Path, meta: dict[str, Any]) -> None:
-        self._barrier()  # every rank's shards are on disk
+        self._barrier(f"checkpoint {final.name}: waiting for every rank's shards")
         if self.ctx.is_logging_rank:
             meta = {**meta, "checksums": shard_checksums(tmp) if self.verify else None}
             _write_json(tmp / META_FILE, meta)  # written last: a directory without it was never complete
@@ -189,7 +232,41 @@ class Checkpointer:
             os.replace(tmp, final)
             _write_atomic(self.dir / "latest", final.name + "\n")
             _prune(self.dir, self.keep_last, keep=final.name)
-        self._barrier()
+        self._barrier(f"checkpoint {final.name}: waiting for rank 0 to publish it")
+
+
+class _ShardWriter(FileSystemWriter):
+    """DCP's file writer, with the test-only stall of STALL_WRITE_ENV."""
+
+    def __init__(self, path: Path, stall: bool) -> None:
+        super().__init__(path)
+        self._stall = stall
+
+    def write_data(self, *args: Any, **kwargs: Any):  # type: ignore[override]
+        written = super().write_data(*args, **kwargs)
+        if self._stall:
+            threading.Event().wait()
+        return written
+
+
+def _stall_requested(step: int, rank: int) -> bool:
+    value = os.environ.get(STALL_WRITE_ENV)
+    if not value:
+        return False
+    stall_step, _, stall_rank = value.partition("@")
+    return int(stall_step) == step and (not stall_rank or int(stall_rank) == rank)
+
+
+def _latest_note(ckpt_dir: Path) -> str:
+    pointer = Path(ckpt_dir) / "latest"
+    if pointer.is_file():
+        return f"{pointer} still names the last complete step ({pointer.read_text(errors='replace').strip()})"
+    return "no complete checkpoint was published yet"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:300]}" if text else type(e).__name__
 
 
 # ---------------------------------------------------------------------------------------------------------------
