@@ -20,6 +20,7 @@ import json
 import os
 import pickle
 import shutil
+import warnings
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, ClassVar
@@ -351,7 +352,9 @@ def load_training_state(
         init_optimizer_state(model, optimizer)
     state = training_state(model, optimizer, ctx)
     try:
-        dcp.load(state, storage_reader=SafeFileSystemReader(path), no_dist=not ctx.distributed)
+        with warnings.catch_warnings():  # DCP warns that no_dist means one process, on every such load
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+            dcp.load(state, storage_reader=SafeFileSystemReader(path), no_dist=not ctx.distributed)
     except (Exception, CheckpointException) as e:  # DCP's own errors are long; name the directory and the cause
         # DCP reports a failure on any rank (a shape that does not fit, a reader error) as a CheckpointException,
         # a BaseException holding each rank's exception.

@@ -432,17 +432,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        number = value
         if isinstance(value, str):
             # YAML 1.1 reads `3e-4` (no dot) as a string; accept what Python reads as a number.
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if isinstance(number, bool) or not isinstance(number, int | float):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
-        if not math.isfinite(value):
+        if not math.isfinite(number):
             raise ConfigError(f"{key}: expected a finite number, got {value!r}")
-        return float(value)
+        return float(number)
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")

@@ -111,8 +111,8 @@ def run(cfg: Config) -> dict[str, Any]:
     run_dir = cfg.run_dir
     if ctx.is_logging_rank:
         run_dir.mkdir(parents=True, exist_ok=True)
+        truncate_metrics(run_dir / "metrics.jsonl", start_step)  # first: it may refuse a damaged file
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        truncate_metrics(run_dir / "metrics.jsonl", start_step)
 
     tokens_per_step = tc.global_batch_size * cfg.data.seq_len
     valid_batches = [b.to(device) for b in data.valid_batches(tc.micro_batch_size, tc.eval_batches)]
