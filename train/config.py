@@ -5,6 +5,7 @@ Every error is a `ConfigError` whose message is one line naming the dotted key, 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -435,10 +436,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         number = value
         if isinstance(value, str):
             # YAML 1.1 reads `3e-4` (no dot) as a string; accept what Python reads as a number.
-            try:
+            with contextlib.suppress(ValueError):
                 number = float(value)
-            except ValueError:
-                pass
         if isinstance(number, bool) or not isinstance(number, int | float):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         if not math.isfinite(number):
