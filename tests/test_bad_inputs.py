@@ -94,6 +94,19 @@ def test_checkpoint_of_another_model_size_is_one_line_from_the_command_line(run_
     assert _snapshot(run_dir) == before
 
 
+def test_export_of_a_checkpoint_whose_shards_do_not_fit_its_meta_json(run_dir, capsys):
+    from tools.convert_to_hf import main as export_main
+
+    meta_file = run_dir / STEP / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta["config"]["model"]["hidden_size"] = 64
+    meta_file.write_text(json.dumps(meta))
+    before = _snapshot(run_dir)
+    line = _one_line(capsys, export_main(["--checkpoint", str(run_dir), "--out", str(run_dir.parent / "hf")]))
+    assert line.startswith(f"convert_to_hf: {run_dir / STEP}: cannot be loaded (ValueError: Size mismatch")
+    assert _snapshot(run_dir) == before and not (run_dir.parent / "hf").exists()
+
+
 @pytest.mark.parametrize(
     ("edit", "field"),
     [
