@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from data.blend import BlendSchedule
-from data.sources import load_stream, split_by_document
+from data.sources import check_token_ids, load_stream, split_by_document
 from data.synthetic import SyntheticCorpus
 
 
@@ -107,9 +107,10 @@ def dataset_entries(data_cfg: Any) -> list[tuple[str, float]]:
     return [(d.path, d.weight) for d in data_cfg.datasets]
 
 
-def build_data(data_cfg: Any, seed: int) -> TrainData:
+def build_data(data_cfg: Any, seed: int, vocab_size: int | None = None) -> TrainData:
     """From the `data:` section: the synthetic corpus (no path, no datasets), or one or more datasets, each a
-    byte-level .txt/.jsonl file or an indexed dataset prefix, blended by weight."""
+    byte-level .txt/.jsonl file or an indexed dataset prefix, blended by weight. With vocab_size, every dataset's
+    token ids are checked against it as the dataset is opened."""
     seq_len = data_cfg.seq_len
     entries = dataset_entries(data_cfg)
     if not entries:
@@ -123,6 +124,8 @@ def build_data(data_cfg: Any, seed: int) -> TrainData:
     train, valid, names = [], [], []
     for path, _ in entries:
         stream = load_stream(path, data_cfg.jsonl_key)
+        if vocab_size is not None:
+            check_token_ids(stream, vocab_size)
         train_tokens, valid_tokens = split_by_document(stream, data_cfg.valid_fraction, seq_len)
         train.append(WindowDataset(train_tokens, seq_len, name=stream.name))
         valid.append(WindowDataset(valid_tokens, seq_len, name=f"{stream.name} (validation split)"))

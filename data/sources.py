@@ -39,6 +39,21 @@ def load_stream(path: str | Path, jsonl_key: str = "text") -> TokenStream:
     return TokenStream(name, ds.tokens[: ds.num_tokens], ds.document_token_ends())
 
 
+def check_token_ids(stream: TokenStream, vocab_size: int) -> None:
+    """Every token id must index the model's embedding: checked once, when the dataset is opened (one pass over
+    the memory map; a wrong id would otherwise surface as an IndexError inside the embedding, mid-run)."""
+    top = int(stream.tokens.max())
+    if top >= vocab_size:
+        raise ValueError(
+            f"{stream.name}: holds token id {top} >= model.vocab_size={vocab_size}; set model.vocab_size >= "
+            f"{top + 1} or rebuild the dataset with the tokenizer of this model"
+        )
+    if stream.tokens.dtype.kind == "i" and int(stream.tokens.min()) < 0:
+        raise ValueError(
+            f"{stream.name}: holds token id {int(stream.tokens.min())} < 0; the dataset is damaged, rebuild it"
+        )
+
+
 def split_by_document(stream: TokenStream, valid_fraction: float, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     """(train tokens, valid tokens). Each part must hold one window of seq_len + 1 tokens.
 

@@ -22,9 +22,16 @@ def resolve_node_rank(cfg: Config, cli_rank: int | None, environ: Mapping[str, s
     elif cluster.node_rank is not None:
         rank, source = cluster.node_rank, "cluster.node_rank"
     else:
-        found = next((name for name in SCHEDULER_NODE_RANK if environ.get(name, "").isdigit()), None)
+        found = next((name for name in SCHEDULER_NODE_RANK if environ.get(name, "").strip()), None)
         if found is not None:
-            rank, source = int(environ[found]), found
+            value = environ[found].strip()
+            require(
+                value.isascii() and value.isdigit(),
+                found,
+                f"{environ[found]!r} is malformed, expected a node index (0, 1, ...); fix or unset the variable, "
+                "or pass --node-rank R",
+            )
+            rank, source = int(value), found
         elif cluster.nnodes == 1:
             rank, source = 0, "single node"
         else:

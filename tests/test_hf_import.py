@@ -191,3 +191,43 @@ def test_command_line(tmp_path, capsys):
     assert "train.resume=" in capsys.readouterr().out and (tmp_path / "ckpt/latest").is_file()
     assert main(args) == 2  # the second time: refused in one line
     assert "not empty" in capsys.readouterr().err
+
+
+def _truncate_shard(hf: Path) -> None:
+    (shard,) = hf.glob("model-*.safetensors")
+    shard.write_bytes(shard.read_bytes()[:-7])
+
+
+def _edit_config(hf: Path, edit) -> None:
+    cfg = json.loads((hf / "config.json").read_text())
+    edit(cfg)
+    (hf / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda hf: _edit_config(hf, lambda c: c.update(model_type="llama")), "config.json: model_type 'llama' is"),
+        (lambda hf: _edit_config(hf, lambda c: c.pop("hidden_size")), "config.json: field 'hidden_size' is missing"),
+        (lambda hf: (hf / "config.json").write_text('{"model_type": "MoE++",'), "config.json: not valid JSON ("),
+        (lambda hf: (hf / "config.json").write_bytes(b'{"model_type": "\xff"}'), "config.json: not valid JSON ("),
+        (lambda hf: (hf / "config.json").write_text("[1, 2]"), "config.json: not a JSON object"),
+        (_truncate_shard, ".safetensors: not a readable safetensors file (Error while deserializing header"),
+        (lambda hf: (hf / "model.safetensors.index.json").write_text("{"), "index.json: not a safetensors index"),
+    ],
+    ids=["other-model-type", "missing-field", "bad-json", "not-utf8", "not-an-object", "corrupt-shard", "bad-index"],
+)
+def test_bad_folders_are_refused_in_one_line_from_the_command_line(tmp_path, capsys, damage, message):
+    from tools.convert_from_hf import main
+
+    save_run(tmp_path / "run", *MODELS["release"])
+    hf = tmp_path / "hf"
+    export(tmp_path / "run", hf, **QUIET)
+    damage(hf)
+    before = {p.name: p.read_bytes() for p in hf.iterdir()}
+    assert main(["--hf", str(hf), "--out", str(tmp_path / "ckpt")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("convert_from_hf: ") and message in err
+    assert not (tmp_path / "ckpt").exists()  # nothing written
+    assert {p.name: p.read_bytes() for p in hf.iterdir()} == before  # and the folder left as it was

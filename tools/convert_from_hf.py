@@ -17,7 +17,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.hf.checkpoint_io import ConversionError
+from model.errors import UserError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         import_hf(args.hf, args.out)
-    except (ConversionError, FileNotFoundError) as e:
+    except (UserError, FileNotFoundError) as e:  # bad input: one line; anything else is a bug
         print(f"convert_from_hf: {e}", file=sys.stderr)
         return 2
     return 0

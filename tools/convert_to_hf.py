@@ -17,9 +17,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.config import ConfigError
-from tools.hf.checkpoint_io import ConversionError
-from train.checkpoint import CheckpointError
+from model.errors import UserError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             verify=not args.no_verify,
         )
-    except (ConversionError, CheckpointError, ConfigError) as e:
+    except UserError as e:  # bad input: one line; anything else is a bug
         print(f"convert_to_hf: {e}", file=sys.stderr)
         return 2
     return 0

@@ -22,11 +22,12 @@ once every rank's write has finished.
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import os
-import pickle
 import shutil
 import threading
+import warnings
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import timedelta
@@ -39,9 +40,10 @@ import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import StorageMeta
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.tensor import DTensor, Shard
 
+from model.config import ConfigError, ModelConfig, MoEConfig
 from model.experts import FFNExperts
 from parallel.mesh import CollectiveError, ParallelContext
 from train.checkpoint_integrity import require_checksums_for, shard_checksums, verify_checksums
@@ -53,7 +55,7 @@ from train.checkpoint_safety import (
     referenced_files,
     unpickle_metadata,
 )
-from train.config import upgrade_config
+from train.config import build, upgrade_config
 
 STEP_PREFIX = "step_"
 META_FILE = "meta.json"
@@ -77,8 +79,14 @@ class SafeFileSystemReader(FileSystemReader):
         try:
             with path.open("rb") as f:
                 metadata = unpickle_metadata(f)
-        except (OSError, EOFError, pickle.UnpicklingError, AttributeError) as e:
-            raise CheckpointError(f"{path}: unreadable DCP metadata ({e}); resume from an earlier step") from None
+        except Exception as e:  # only listed classes run on these bytes: any failure is the file's, not a bug
+            cause = str(e).splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{path}: unreadable DCP metadata ({cause}); pick another step") from None
+        if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
+            raise CheckpointError(
+                f"{path}: holds a {type(metadata).__name__}, not DCP checkpoint metadata; the checkpoint is damaged, "
+                "pick another step"
+            )
         check_metadata(metadata, path)
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
@@ -277,11 +285,21 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     pointer = Path(ckpt_dir) / "latest"
     if not pointer.is_file():
         return None
-    path = Path(ckpt_dir) / pointer.read_text().strip()
+    try:
+        name = pointer.read_bytes().decode("utf-8").strip()
+    except UnicodeDecodeError:
+        problem = "is not UTF-8 text"
+    else:
+        problem = "is empty" if not name else None if Path(name).name == name else f"holds {name!r}"
+    if problem is not None:
+        raise CheckpointError(
+            f"{pointer}: {problem}, not the name of a step directory; write the name of a complete one into it "
+            "(e.g. step_00000100)"
+        )
+    path = Path(ckpt_dir) / name
     if not (path / META_FILE).is_file():
         raise CheckpointError(
-            f"{pointer}: points to {path.name}, which is missing or incomplete; "
-            "point it at an existing step directory or set train.resume=never"
+            f"{pointer}: points to {path.name}, which is missing or incomplete; point it at a complete step directory"
         )
     return path
 
@@ -294,13 +312,52 @@ def read_meta(path: Path) -> dict[str, Any]:
         meta = json.loads(meta_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"{meta_file}: not valid JSON; the checkpoint is damaged, pick another step") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_file}: not a JSON object; the checkpoint is damaged, pick another step")
     for key in ("step", "consumed_samples", "config"):
         if key not in meta:
             raise CheckpointError(
                 f"{meta_file}: field {key!r} is missing; the checkpoint is damaged, pick another step"
             )
+    _check_meta_types(meta, meta_file)
     meta["config"] = upgrade_config(meta["config"])
+    for section, cls in (("model", ModelConfig), ("moe", MoEConfig)):
+        value = meta["config"].get(section, {})
+        try:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{section}: expected a mapping (section), got {value!r}")
+            build(cls, value, f"{section}.")
+        except ConfigError as e:
+            raise CheckpointError(f"{meta_file}: config.{e}; the checkpoint is damaged, pick another step") from e
     return meta
+
+
+def _check_meta_types(meta: dict[str, Any], meta_file: Path) -> None:
+    """The fields a resume uses have the types the trainer wrote, so a hand-edited meta.json fails here."""
+
+    def damaged(key: str, expected: str) -> CheckpointError:
+        return CheckpointError(
+            f"{meta_file}: field {key!r} is {meta[key]!r}, expected {expected}; the checkpoint is damaged, pick "
+            "another step"
+        )
+
+    for key in ("step", "consumed_samples"):
+        if isinstance(meta[key], bool) or not isinstance(meta[key], int) or meta[key] < 0:
+            raise damaged(key, "an integer >= 0")
+    if not isinstance(meta["config"], dict):
+        raise damaged("config", "an object (the run's config)")
+    rng = meta.get("rng")
+    if rng is None:
+        return
+    if not isinstance(rng, dict) or not all(isinstance(v, str) for v in rng.values()):
+        raise damaged("rng", "an object of base64 strings")
+    for name, text in rng.items():
+        try:
+            size = len(base64.b64decode(text, validate=True))
+        except binascii.Error:
+            size = -1
+        if size < 0 or (name == "torch" and size != torch.get_rng_state().numel()):
+            raise damaged("rng", f"base64 of the {name} generator's state")
 
 
 # moe keys a resume may change: loss coefficients and capacity shape training, not the model or its saved state.
@@ -367,18 +424,22 @@ def load_training_state(
     state = training_state(model, optimizer, ctx)
     check_covers(metadata, state, path)
     try:
-        dcp.load(
-            state,
-            storage_reader=SafeFileSystemReader(path),
-            planner=TensorsOnlyLoadPlanner(),
-            no_dist=not ctx.distributed,
-        )
-    except CheckpointError:
-        raise
-    except Exception as e:  # DCP's own errors are long; name the directory and the cause
-        raise CheckpointError(
-            f"{path}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]}); pick another step"
-        ) from None
+        with warnings.catch_warnings():  # DCP warns that no_dist means one process, on every such load
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+            dcp.load(
+                state,
+                storage_reader=SafeFileSystemReader(path),
+                planner=TensorsOnlyLoadPlanner(),
+                no_dist=not ctx.distributed,
+            )
+    except (Exception, CheckpointException) as e:  # DCP's own errors are long; name the directory and the cause
+        # DCP reports a failure on any rank (a shape that does not fit, a reader error) as a CheckpointException,
+        # a BaseException holding each rank's exception.
+        cause = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) and e.failures else e
+        if isinstance(cause, CheckpointError):
+            raise cause from e
+        text = str(cause).strip().splitlines()[0][:200] if str(cause).strip() else ""
+        raise CheckpointError(f"{path}: cannot be loaded ({type(cause).__name__}: {text}); pick another step") from e
     if optimizer is not None:  # resuming training; a weights-only load leaves the caller's RNG alone
         _set_rng_state(meta.get("rng"))
     return meta

@@ -27,8 +27,10 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.serialization import _get_layout
 
+from model.errors import UserError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(UserError):
     """A checkpoint that cannot be used. One line naming the file or field and what to do."""
 
 

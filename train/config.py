@@ -5,7 +5,10 @@ Every error is a `ConfigError` whose message is one line naming the dotted key, 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,7 +30,8 @@ class SyntheticConfig:
     """The embedded default corpus (data/synthetic.py): words = a random head token + a fixed, fully determined
     tail, so hard and easy tokens are mixed and the loss floor is known exactly."""
 
-    num_words: int = 96
+    # 64 words with tails of up to 6 tokens use at most 449 token ids: within the default model.vocab_size.
+    num_words: int = 64
     max_tail: int = 6
     zipf_exponent: float = 1.0
     num_tokens: int = 1_000_000
@@ -319,6 +323,7 @@ class Config:
         ):
             require(value % tp == 0, key, f"{value} is not divisible by parallel.tp={tp}")
         self.data.validate_vocab(self.model.vocab_size)
+        check_memory(self)
         return self
 
     @property
@@ -331,6 +336,55 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sizes that cannot fit: refused before anything is allocated
+
+# Peak bytes per position x head dimension while the RoPE tables are built (float64 angles, their concatenation and
+# the two fp32 tables), and per token of the synthetic corpus (one small array per word before the concatenation,
+# then the int64 stream); both measured.
+ROPE_BYTES_PER_ENTRY = 24
+SYNTHETIC_BYTES_PER_TOKEN = 64
+
+
+def available_memory_bytes() -> int | None:
+    """Memory this machine can still give (Linux MemAvailable), else its physical memory; None when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(cfg: Config) -> None:
+    """Each tensor a size key makes every process allocate in full (the model is built whole on the host before it
+    is sharded or moved) must fit in the memory available, so an absurd size fails here, in one line, instead of
+    deep inside an allocation or after minutes of filling swap."""
+    available = available_memory_bytes()
+    if available is None:
+        return
+    m = cfg.model
+    needs = [
+        ("model.vocab_size", m.vocab_size, 2 * m.vocab_size * m.hidden_size * 4, "the fp32 embedding and output head"),
+        ("model.max_seq_len", m.max_seq_len, m.max_seq_len * m.head_dim * ROPE_BYTES_PER_ENTRY, "the RoPE tables"),
+    ]
+    if not cfg.data.paths:
+        n = cfg.data.synthetic.num_tokens
+        needs.append(("data.synthetic.num_tokens", n, n * SYNTHETIC_BYTES_PER_TOKEN, "the synthetic corpus"))
+    for key, value, need, what in needs:
+        require(
+            need <= available,
+            key,
+            f"{value} needs {need / 2**30:,.1f} GiB for {what}, more than the {available / 2**30:,.1f} GiB of "
+            "memory available; lower it",
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -384,15 +438,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        number = value
         if isinstance(value, str):
             # YAML 1.1 reads `3e-4` (no dot) as a string; accept what Python reads as a number.
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, int | float):
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if isinstance(number, bool) or not isinstance(number, int | float):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return float(number)
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -472,7 +527,14 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
                 f"{path}: config file not found; pass an existing YAML file such as configs/tiny-cpu.yaml"
             )
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"{path}: not UTF-8 text (byte {e.start} is {e.object[e.start : e.start + 1]!r}); save the config "
+                "as UTF-8 YAML"
+            ) from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot be read ({e.strerror}); check its permissions") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark is not None else ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -15,13 +16,21 @@ import yaml
 
 from data.loader import build_data
 from model.config import ConfigError
+from model.errors import UserError
 from model.moe import RoutingStats
 from model.router import Router
 from model.transformer import Decoder
 from parallel import parallelize, pipeline_schedule
 from parallel.grads import GradSync
 from parallel.mesh import ParallelContext, init_parallel
-from train.checkpoint import Checkpointer, check_compatible, latest_checkpoint, load_training_state, read_meta
+from train.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    check_compatible,
+    latest_checkpoint,
+    load_training_state,
+    read_meta,
+)
 from train.config import Config
 from train.evaluate import evaluate, evaluate_pipeline
 from train.metrics import MetricsLogger, format_duration, routing_summary
@@ -88,7 +97,7 @@ def run(cfg: Config) -> dict[str, Any]:
     pipeline = pipeline_schedule(model, ctx)
     optimizer = build_optimizer(model, cfg.optim)
     grad_sync = GradSync(model, ctx)
-    data = build_data(cfg.data, tc.seed)
+    data = build_data(cfg.data, tc.seed, cfg.model.vocab_size)
     amp = autocast_context(device, tc.dtype)
     checkpointer = Checkpointer(
         cfg.checkpoint_dir, ctx, cfg.checkpoint.keep_last, cfg.checkpoint.async_, verify=cfg.checkpoint.verify
@@ -104,8 +113,8 @@ def run(cfg: Config) -> dict[str, Any]:
     run_dir = cfg.run_dir
     if ctx.is_logging_rank:
         run_dir.mkdir(parents=True, exist_ok=True)
+        truncate_metrics(run_dir / "metrics.jsonl", start_step)  # first: it may refuse a damaged file
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        truncate_metrics(run_dir / "metrics.jsonl", start_step)
 
     tokens_per_step = tc.global_batch_size * cfg.data.seq_len
     valid_batches = [b.to(device) for b in data.valid_batches(tc.micro_batch_size, tc.eval_batches)]
@@ -213,17 +222,44 @@ def resume_path(cfg: Config) -> Path | None:
     if cfg.train.resume == "never":
         return None
     if cfg.train.resume == "auto":
-        return latest_checkpoint(cfg.checkpoint_dir)
+        try:
+            return latest_checkpoint(cfg.checkpoint_dir)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}, or set train.resume=never to start over") from e
     return Path(cfg.train.resume)
 
 
 def truncate_metrics(path: Path, start_step: int) -> None:
-    """Keep the records up to the resumed step (a run that died after its last checkpoint logged further)."""
+    """Keep the records up to the resumed step (a run that died after its last checkpoint logged further). A last
+    line without its newline is a record a kill cut short and goes too; any other line that is not a record is
+    refused, naming it, and the file is left as it was."""
     if start_step == 0 or not path.is_file():
         path.write_text("")
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
-    path.write_text("".join(line + "\n" for line in kept))
+    lines = path.read_bytes().split(b"\n")
+    kept = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        step = _record_step(line)
+        if step is None:
+            if number == len(lines):
+                break
+            raise UserError(f"{path}:{number}: not a metrics record; remove the line (or the file) and resume")
+        if step <= start_step:
+            kept.append(line)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(b"".join(line + b"\n" for line in kept))
+    os.replace(tmp, path)  # a kill while rewriting leaves the old file, never a shorter one
+
+
+def _record_step(line: bytes) -> int | None:
+    try:
+        record = json.loads(line)
+    except ValueError:  # also undecodable bytes (UnicodeDecodeError)
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def log_step(

@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from model.config import ModelConfig, MoEConfig
+from model.errors import UserError
 from model.transformer import Decoder
 from parallel.mesh import ParallelContext, ParallelDims
 from train.checkpoint import Checkpointer, init_optimizer_state, latest_checkpoint, load_training_state, read_meta
@@ -18,7 +19,7 @@ from train.config import Config, build
 from train.optim import build_optimizer
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """One line naming the path or field and what to do."""
 
 
@@ -47,9 +48,14 @@ def _configured_checkpoint_dir(run_dir: Path) -> Path | None:
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.is_file():
         return None
-    data = yaml.safe_load(cfg_file.read_text()) or {}
-    ckpt = (data.get("checkpoint") or {}).get("dir")
-    return Path(ckpt) if ckpt else None
+    try:
+        data = yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        cause = getattr(e, "problem", None) or str(e)  # a YAML error's own text spans several lines
+        raise ConversionError(f"{cfg_file}: not valid YAML ({cause}); pass the checkpoints directory instead") from e
+    section = data.get("checkpoint") if isinstance(data, dict) else None
+    ckpt = section.get("dir") if isinstance(section, dict) else None
+    return Path(ckpt) if isinstance(ckpt, str) and ckpt else None
 
 
 def model_sections(config: dict[str, Any]) -> tuple[ModelConfig, MoEConfig]:

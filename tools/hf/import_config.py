@@ -7,11 +7,12 @@ from __future__ import annotations
 from typing import Any
 
 from model.config import ConfigError, ModelConfig, MoEConfig, RouterConfig
+from model.errors import UserError
 from tools.hf.layouts import MIXTRAL, OWN, RELEASE, STASH_KEY, hf_config
 from train.config import build
 
 
-class HFImportError(ValueError):
+class HFImportError(UserError):
     """A Hugging Face folder our model cannot represent exactly. One line naming the field."""
 
 

@@ -52,7 +52,13 @@ def import_hf(hf_dir: Path, out_dir: Path, log: Callable[[str], None] = print) -
         raise ConversionError(f"{cfg_file}: missing; pass a Hugging Face model folder")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ConversionError(f"{out_dir}: exists and is not empty; pick a new checkpoint directory")
-    layout, model_cfg, moe_cfg, notes = our_config(json.loads(cfg_file.read_text()))
+    try:
+        hf_cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{cfg_file}: not valid JSON ({e}); re-download or re-export the folder") from e
+    if not isinstance(hf_cfg, dict):
+        raise ConversionError(f"{cfg_file}: not a JSON object; re-download or re-export the folder")
+    layout, model_cfg, moe_cfg, notes = our_config(hf_cfg)
     model = Decoder(model_cfg, moe_cfg)
     unused = fill_from_hf(model, ShardedReader(hf_dir), layout)
     # Rotary tables are computed, never loaded; anything else unused means the folder holds weights we would drop.

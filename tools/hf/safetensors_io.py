@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from tools.hf.checkpoint_io import ConversionError
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
@@ -66,7 +68,7 @@ class ShardedReader(Mapping[str, Tensor]):
         self.folder = Path(folder)
         index = self.folder / INDEX_FILE
         if index.is_file():
-            listed = dict(json.loads(index.read_text())["weight_map"])
+            listed = _weight_map(index)
         elif (self.folder / SINGLE_FILE).is_file():
             listed = dict.fromkeys(self._keys_of(SINGLE_FILE), SINGLE_FILE)
         else:
@@ -86,19 +88,44 @@ class ShardedReader(Mapping[str, Tensor]):
             )
 
     def _keys_of(self, name: str) -> list[str]:
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(self.folder / name), framework="pt") as f:
-            return list(f.keys())
+        try:
+            with safe_open(str(self.folder / name), framework="pt") as f:
+                return list(f.keys())
+        except SafetensorError as e:
+            raise _corrupt(self.folder / name, e) from e
 
     def __getitem__(self, key: str) -> Tensor:
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(self.folder / self._files[key]), framework="pt") as f:
-            return f.get_tensor(key)
+        path = self.folder / self._files[key]
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return f.get_tensor(key)
+        except SafetensorError as e:
+            raise _corrupt(path, e) from e
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._files)
 
     def __len__(self) -> int:
         return len(self._files)
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise ConversionError(
+            f"{index}: not a safetensors index ({type(e).__name__}: {e}); re-download or re-export the folder"
+        ) from e
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ConversionError(
+            f"{index}: weight_map is not an object of file names; re-download or re-export the folder"
+        )
+    return weight_map
+
+
+def _corrupt(path: Path, err: Exception) -> ConversionError:
+    return ConversionError(f"{path}: not a readable safetensors file ({err}); re-download or re-export the folder")
