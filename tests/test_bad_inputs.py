@@ -77,8 +77,8 @@ def _resume(run_dir: Path, *extra: str) -> int:
 
 
 def test_checkpoint_of_another_model_size_is_one_line_from_the_command_line(run_dir):
-    """meta.json claims the other size, so only DCP sees that the shards differ: its CheckpointException (a
-    BaseException) becomes one line, and the checkpoint is left alone."""
+    """meta.json claims the other size, so only the shard metadata shows that the tensors differ: one line naming
+    the first tensor that does not fit, and the checkpoint is left alone."""
     meta_file = run_dir / STEP / "meta.json"
     meta = json.loads(meta_file.read_text())
     meta["config"]["model"]["hidden_size"] = 64
@@ -89,8 +89,8 @@ def test_checkpoint_of_another_model_size_is_one_line_from_the_command_line(run_
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     (line,) = proc.stderr.strip().splitlines()
-    assert line.startswith(f"error: {run_dir / STEP}: cannot be loaded (ValueError: Size mismatch")
-    assert "model.tok_embeddings.weight" in line
+    assert line.startswith(f"error: {run_dir / STEP}: 'model.tok_embeddings.weight' is torch.float32 [512, 32]")
+    assert "use the checkpoint's model shape" in line
     assert _snapshot(run_dir) == before
 
 
@@ -103,7 +103,7 @@ def test_export_of_a_checkpoint_whose_shards_do_not_fit_its_meta_json(run_dir, c
     meta_file.write_text(json.dumps(meta))
     before = _snapshot(run_dir)
     line = _one_line(capsys, export_main(["--checkpoint", str(run_dir), "--out", str(run_dir.parent / "hf")]))
-    assert line.startswith(f"convert_to_hf: {run_dir / STEP}: cannot be loaded (ValueError: Size mismatch")
+    assert line.startswith(f"convert_to_hf: {run_dir / STEP}: 'model.tok_embeddings.weight' is torch.float32 [512, 32]")
     assert _snapshot(run_dir) == before and not (run_dir.parent / "hf").exists()
 
 
@@ -175,30 +175,40 @@ def test_metadata_that_is_not_checkpoint_metadata(run_dir, capsys, content, mess
     assert _snapshot(run_dir) == before
 
 
-@pytest.mark.parametrize(
-    ("content", "problem"),
-    [(b"", "is empty"), (b"\n  \n", "is empty"), (b"\xff\xfestep", "is not UTF-8 text"), (b"../x\n", "holds '../x'")],
-    ids=["empty", "blank", "not-utf8", "a-path"],
+LATEST_CONTENTS = pytest.mark.parametrize(
+    "content",
+    [b"", b"\n  \n", b"\xff\xfestep", b"../x\n", b"step_00000099\n"],
+    ids=["empty", "blank", "not-utf8", "a-path", "a-missing-step"],
 )
-def test_latest_that_names_no_step_directory(run_dir, capsys, content, problem):
+
+
+@LATEST_CONTENTS
+def test_damaged_latest_falls_back_to_the_newest_complete_step(run_dir, capsys, content):
+    """A `latest` that names no complete step is stale, not fatal: auto-resume takes the newest complete step,
+    says so on the console, and the next save rewrites `latest`."""
     latest = run_dir / "checkpoints/latest"
     latest.write_bytes(content)
-    before = _snapshot(run_dir)
-    line = _one_line(capsys, _resume(run_dir))
-    assert line.startswith(f"error: {latest}: {problem}, not the name of a step directory")
-    assert line.endswith("or set train.resume=never to start over")  # advice for training, not for export
-    assert _snapshot(run_dir) == before
+    assert _resume(run_dir) == 0
+    out = capsys.readouterr().out
+    assert f"resume: {latest}" in out and "using the newest complete step, step_00000002" in out
+    assert "resumed from" in out and "(step 2)" in out
+    assert latest.read_text() == "step_00000003\n"
 
 
-def test_export_errors_give_no_training_advice(run_dir, capsys):
+@LATEST_CONTENTS
+def test_damaged_latest_without_a_complete_step_is_one_line(run_dir, capsys, content):
     from tools.convert_to_hf import main as export_main
 
-    (run_dir / "checkpoints/latest").write_text("step_00000099\n")
+    latest = run_dir / "checkpoints/latest"
+    latest.write_bytes(content)
+    (run_dir / STEP / "meta.json").unlink()  # the only step is now incomplete
+    before = _snapshot(run_dir)
+    line = _one_line(capsys, _resume(run_dir))
+    assert line.startswith(f"error: {latest}: ") and "holds no complete step directory" in line
     line = _one_line(capsys, export_main(["--checkpoint", str(run_dir), "--out", str(run_dir.parent / "hf")]))
-    assert line.startswith(f"convert_to_hf: {run_dir / 'checkpoints/latest'}: points to step_00000099")
-    assert "train." not in line and "resume" not in line
-    line = _one_line(capsys, _resume(run_dir))  # the trainer names its own way out
-    assert "step_00000099" in line and line.endswith("or set train.resume=never to start over")
+    assert line.startswith(f"convert_to_hf: {latest}: ")
+    assert "train." not in line and "resume" not in line  # export errors give no training advice
+    assert _snapshot(run_dir) == before and not (run_dir.parent / "hf").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         return _error(f"config error: {e}")
     from parallel.mesh import CollectiveError
-    from train.trainer import run
+    from train.trainer import NonFiniteStateError, run
 
     try:
         run(cfg)
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         os._exit(1)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         # Bad data or device requests surface as one line; real bugs keep their traceback (other exceptions).
-        if isinstance(e, RuntimeError) and not str(e).startswith("train."):
+        if isinstance(e, RuntimeError) and not isinstance(e, NonFiniteStateError) and not str(e).startswith("train."):
             raise
         return _error(f"error: {e}")
     _close_process_group()

@@ -8,11 +8,15 @@ Layout of a checkpoint directory `<dir>/step_00001000/`:
 `<dir>/latest` names the newest complete step directory; it is replaced atomically after the rename.
 
 Sequence of a save: all ranks write into `.tmp-step_XXXXXXXX` -> barrier -> rank 0 hashes the files and writes
-meta.json, renames the directory to `step_XXXXXXXX`, then rewrites `latest`, then prunes old steps. Loading compares
-every file with its checksum, reads the DCP metadata through an unpickler that builds only the exact classes DCP's
-metadata is made of, refuses byte entries and any model or optimizer tensor the checkpoint does not cover entirely,
-and reads tensors with `weights_only=True`: a checkpoint can never execute code or leave a parameter unfilled
-(train/checkpoint_safety.py, train/checkpoint_integrity.py).
+meta.json, renames the directory to `step_XXXXXXXX` (a step saved before is first renamed aside to
+`.old-step_XXXXXXXX` and deleted only once the new one is in place and `latest` names it), then rewrites `latest`,
+then removes what earlier kills left (`.tmp-*`, `.old-*`, `.latest.tmp-*`) and prunes old steps. When `latest` is
+missing or names no complete step, the newest step directory with a meta.json is the latest checkpoint.
+
+Loading compares every file with its checksum, reads the DCP metadata through an unpickler that builds only the
+exact classes DCP's metadata is made of, refuses byte entries and any model or optimizer tensor the checkpoint does
+not cover entirely, and reads tensors with `weights_only=True`: a checkpoint can never execute code or leave a
+parameter unfilled (train/checkpoint_safety.py, train/checkpoint_integrity.py).
 
 An asynchronous save writes in a background thread whose collectives run on a gloo group of their own (sharing the
 training step's groups, the two threads' collectives would interleave and deadlock); it is published the same way,
@@ -26,6 +30,7 @@ import binascii
 import json
 import os
 import shutil
+import signal
 import threading
 import warnings
 from concurrent.futures import Future
@@ -63,6 +68,11 @@ META_FILE = "meta.json"
 # step stall on every rank (or on RANK only) once its shards are on disk, before DCP's `.metadata`, until the process
 # ends; a test can then kill a run in the middle of a save, or watch the other ranks time out.
 STALL_WRITE_ENV = "MOEPP_TEST_STALL_CHECKPOINT_WRITE"
+LATEST_FILE = "latest"
+TMP_PREFIX = ".tmp-"  # a step being written: never complete until renamed
+OLD_PREFIX = ".old-"  # a step being replaced or pruned: renamed aside, then deleted
+# Crash tests: `<point>:<step>` makes rank 0 SIGKILL itself at that point of that step's save (see _kill_point).
+KILL_AT_ENV = "MOEPP_TEST_KILL_AT"
 
 
 def step_dir_name(step: int) -> str:
@@ -185,7 +195,7 @@ class Checkpointer:
         directory is published (renamed, `latest` moved) by the next save() or by finish()."""
         self.finish()
         final = self.dir / step_dir_name(step)
-        tmp = self.dir / f".tmp-{step_dir_name(step)}"
+        tmp = self.dir / f"{TMP_PREFIX}{step_dir_name(step)}"
         if self.ctx.is_logging_rank:
             self.dir.mkdir(parents=True, exist_ok=True)
             if tmp.exists():  # left by a killed run: never complete, safe to drop
@@ -232,14 +242,21 @@ class Checkpointer:
     def _publish(self, tmp: Path, final: Path, meta: dict[str, Any]) -> None:
         self._barrier(f"checkpoint {final.name}: waiting for every rank's shards")
         if self.ctx.is_logging_rank:
+            _kill_point("meta", meta["step"])
             meta = {**meta, "checksums": shard_checksums(tmp) if self.verify else None}
             _write_json(tmp / META_FILE, meta)  # written last: a directory without it was never complete
             _fsync_tree(tmp)
-            if final.exists():  # re-saving a step (e.g. after a resume): swap only once the new one is whole
-                shutil.rmtree(final)
+            # Re-saving a step (e.g. after resuming from an older one): the old directory is renamed aside, not
+            # deleted, until the new one is in place. A kill between the two renames leaves `latest` naming a
+            # missing step; latest_checkpoint then falls back to the newest complete one.
+            old = self.dir / f"{OLD_PREFIX}{final.name}"
+            if final.exists():
+                _remove_dir(old)
+                os.replace(final, old)
             os.replace(tmp, final)
-            _write_atomic(self.dir / "latest", final.name + "\n")
-            _prune(self.dir, self.keep_last, keep=final.name)
+            _write_atomic(self.dir / LATEST_FILE, final.name + "\n", kill_point=("latest", meta["step"]))
+            _remove_leftovers(self.dir)
+            _prune(self.dir, self.keep_last, final)
         self._barrier(f"checkpoint {final.name}: waiting for rank 0 to publish it")
 
 
@@ -282,26 +299,46 @@ def _first_line(e: BaseException) -> str:
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    pointer = Path(ckpt_dir) / "latest"
+    """The step directory `latest` names, or, when `latest` is missing or names no complete step (a kill between a
+    rename and the rewrite of `latest`), the newest complete step directory; None if there is none."""
+    return find_latest(ckpt_dir)[0]
+
+
+def find_latest(ckpt_dir: Path) -> tuple[Path | None, str | None]:
+    """(latest checkpoint as latest_checkpoint finds it, a one-line note when `latest` did not name it)."""
+    ckpt_dir = Path(ckpt_dir)
+    pointer = ckpt_dir / LATEST_FILE
+    steps = complete_steps(ckpt_dir)
+    newest = steps[-1] if steps else None
     if not pointer.is_file():
-        return None
+        note = f"{pointer} is missing; using the newest complete step, {newest.name}" if newest else None
+        return newest, note
     try:
-        name = pointer.read_bytes().decode("utf-8").strip()
-    except UnicodeDecodeError:
-        problem = "is not UTF-8 text"
-    else:
-        problem = "is empty" if not name else None if Path(name).name == name else f"holds {name!r}"
-    if problem is not None:
+        name = pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        name = ""
+    path = ckpt_dir / name
+    if _step_number(name) is not None and (path / META_FILE).is_file():
+        return path, None
+    what = f"names {name!r}, which is missing or incomplete" if name else "is empty or unreadable"
+    if newest is None:
         raise CheckpointError(
-            f"{pointer}: {problem}, not the name of a step directory; write the name of a complete one into it "
-            "(e.g. step_00000100)"
+            f"{pointer}: {what}, and {ckpt_dir} holds no complete step directory; restore one or delete {pointer}"
         )
-    path = Path(ckpt_dir) / name
-    if not (path / META_FILE).is_file():
-        raise CheckpointError(
-            f"{pointer}: points to {path.name}, which is missing or incomplete; point it at a complete step directory"
-        )
-    return path
+    return newest, f"{pointer} {what}; using the newest complete step, {newest.name}"
+
+
+def complete_steps(ckpt_dir: Path) -> list[Path]:
+    """Step directories with a meta.json (written last, so they are complete), oldest first."""
+    if not Path(ckpt_dir).is_dir():
+        return []
+    steps = [p for p in Path(ckpt_dir).iterdir() if _step_number(p.name) is not None and (p / META_FILE).is_file()]
+    return sorted(steps, key=lambda p: _step_number(p.name))
+
+
+def _step_number(name: str) -> int | None:
+    digits = name.removeprefix(STEP_PREFIX)
+    return int(digits) if name.startswith(STEP_PREFIX) and digits.isdigit() else None
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -468,11 +505,13 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
     path.write_text(json.dumps(obj, indent=1))
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def _write_atomic(path: Path, text: str, kill_point: tuple[str, int] | None = None) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     with tmp.open("rb") as f:
         os.fsync(f.fileno())
+    if kill_point is not None:
+        _kill_point(*kill_point)
     os.replace(tmp, path)
 
 
@@ -483,8 +522,41 @@ def _fsync_tree(path: Path) -> None:
                 os.fsync(fh.fileno())
 
 
-def _prune(ckpt_dir: Path, keep_last: int, keep: str) -> None:
-    steps = sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX))
-    for old in steps[:-keep_last]:
-        if old.name != keep:
-            shutil.rmtree(old, ignore_errors=True)
+def _kill_point(point: str, step: int) -> None:
+    """Fault injection for the crash tests: with MOEPP_TEST_KILL_AT=<point>:<step> the process kills itself with
+    SIGKILL here, exactly what a kill -9 at that moment leaves. Points: `meta` (shards written, no meta.json yet),
+    `latest` (step directory renamed, `latest` not yet replaced)."""
+    if os.environ.get(KILL_AT_ENV) == f"{point}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _remove_dir(path: Path) -> None:
+    """Delete a directory without ever leaving a half-deleted one under a step name: rename it aside first."""
+    if not path.exists():
+        return
+    if not path.name.startswith(OLD_PREFIX):
+        aside = path.with_name(f"{OLD_PREFIX}{path.name}")
+        _remove_dir(aside)
+        os.replace(path, aside)
+        path = aside
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _remove_leftovers(ckpt_dir: Path) -> None:
+    """What killed saves left: unfinished `.tmp-step_*` directories, replaced `.old-*` ones, `.latest.tmp-*`
+    files. Called after a publish, when no write of this run is in flight."""
+    for p in ckpt_dir.iterdir():
+        if p.name.startswith(f".{LATEST_FILE}.tmp-") and p.is_file():
+            p.unlink(missing_ok=True)
+        elif p.name.startswith((TMP_PREFIX, OLD_PREFIX)) and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _prune(ckpt_dir: Path, keep_last: int, newest: Path) -> None:
+    """Keep `newest` (just published) and the keep_last - 1 steps before it; later steps (left by a run that was
+    resumed from an earlier step) are not older, so they stay until re-saved."""
+    step = _step_number(newest.name)
+    numbered = [(_step_number(p.name), p) for p in ckpt_dir.iterdir() if p.is_dir()]
+    older = sorted((n, p) for n, p in numbered if n is not None and n < step)
+    for _, old in older[: max(len(older) - (keep_last - 1), 0)]:
+        _remove_dir(old)

@@ -3,6 +3,7 @@
 Loss = mean token cross-entropy + the model's aux loss (every moe.balance term times its coefficient, summed over
 MoE layers). Nothing here syncs with the host: losses and routing counters stay device tensors until the logger
 reads them. After the optimizer step every router gets its between-step update (aux-free bias, ETR capacity).
+Whether the resulting state may be saved (state_is_finite) is asked at save time, not per step.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
@@ -104,6 +106,32 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     after_optimizer_step(model, stepped=finite)
     return StepResult(ce_sum / n, aux_sum / n, grad_norm.detach(), routing or [], skipped=not finite)
+
+
+def state_is_finite(
+    model: nn.Module, optimizer: torch.optim.Optimizer, last_step: StepResult | None, distributed: bool
+) -> bool:
+    """Whether the training state may be saved, the same answer on every rank: the last step had a finite loss and
+    gradient norm and was applied, and every parameter, floating-point buffer and optimizer state tensor on every
+    rank has a finite norm (a NaN/inf element fails, and so do values whose squares overflow, such as the weights a
+    huge learning rate leaves). One read of the whole state, one all-reduce and one host-device sync: save time
+    only, never per step."""
+    local = [t.to_local() if isinstance(t, DTensor) else t for t in _state_tensors(model, optimizer)]
+    finite = torch.isfinite(torch.nn.utils.get_total_norm(local, foreach=True))
+    if last_step is not None:
+        finite &= torch.isfinite(last_step.loss) & torch.isfinite(last_step.aux_loss) & (not last_step.skipped)
+    flag = finite.float()
+    if distributed:  # parameters are sharded over tp/ep/pp and losses differ over dp: every rank must agree
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    tensors = [p.detach() for p in model.parameters()]
+    tensors += [b for b in model.buffers() if b.is_floating_point()]
+    for state in optimizer.state.values():
+        tensors += [v for v in state.values() if isinstance(v, Tensor) and v.is_floating_point()]
+    return tensors
 
 
 def after_optimizer_step(model: nn.Module, stepped: bool) -> None:

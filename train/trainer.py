@@ -23,20 +23,17 @@ from model.transformer import Decoder
 from parallel import parallelize, pipeline_schedule
 from parallel.grads import GradSync
 from parallel.mesh import ParallelContext, init_parallel
-from train.checkpoint import (
-    Checkpointer,
-    CheckpointError,
-    check_compatible,
-    latest_checkpoint,
-    load_training_state,
-    read_meta,
-)
+from train.checkpoint import Checkpointer, check_compatible, find_latest, load_training_state, read_meta
 from train.config import Config
 from train.evaluate import evaluate, evaluate_pipeline
 from train.metrics import MetricsLogger, format_duration, routing_summary
 from train.optim import build_optimizer, lr_at, set_lr
 from train.signals import ShutdownRequest
-from train.step import StepResult, autocast_context, train_step
+from train.step import StepResult, autocast_context, state_is_finite, train_step
+
+
+class NonFiniteStateError(RuntimeError):
+    """The run ended with a non-finite state, which was not saved; the message names the last good checkpoint."""
 
 
 def resolve_device_type(name: str) -> str:
@@ -104,7 +101,7 @@ def run(cfg: Config) -> dict[str, Any]:
     )
 
     start_step, consumed = 0, 0
-    resume_from = resume_path(cfg)
+    resume_from, resume_note = resume_path(cfg)
     if resume_from is not None:
         check_compatible(read_meta(resume_from), cfg.to_dict(), resume_from)
         meta = load_training_state(resume_from, model, optimizer, ctx, verify=cfg.checkpoint.verify)
@@ -131,6 +128,8 @@ def run(cfg: Config) -> dict[str, Any]:
     floor = data.corpus.entropy_per_token if data.corpus is not None else None
     counts = _param_counts(cfg)
     d = ctx.dims
+    if resume_note:
+        logger.write(f"resume: {resume_note}")
     logger.write(
         f"{cfg.name}: {counts[0] / 1e6:.2f}M parameters ({counts[1] / 1e6:.2f}M active at most), "
         f"{tc.max_steps} steps x {tokens_per_step} tokens on {device}, world {d.world_size} = "
@@ -139,10 +138,26 @@ def run(cfg: Config) -> dict[str, Any]:
         + (f"; resumed from {resume_from} (step {start_step})" if resume_from is not None else "")
     )
 
-    def save(step: int) -> None:
+    last_good = resume_from  # the newest checkpoint of a finite state; saving a non-finite one never happens
+    result: StepResult | None = None
+
+    def save(step: int) -> bool:
+        """Save unless the state is non-finite (then nothing is written, published or pruned)."""
+        nonlocal last_good
+        if not state_is_finite(model, optimizer, result, ctx.distributed):
+            logger.write(f"step {step}: non-finite loss, gradients or model/optimizer state, no checkpoint; {good()}")
+            return False
         meta = {"consumed_samples": consumed, "config": cfg.to_dict(), "layout": dataclasses.asdict(d)}
-        path = checkpointer.save(step, model, optimizer, meta)
-        logger.write(f"checkpoint: {path}" + (" (writing in the background)" if checkpointer.async_save else ""))
+        last_good = checkpointer.save(step, model, optimizer, meta)
+        logger.write(f"checkpoint: {last_good}" + (" (writing in the background)" if checkpointer.async_save else ""))
+        return True
+
+    def good() -> str:
+        return f"the last good checkpoint, {last_good}, is intact" if last_good else "no checkpoint was saved"
+
+    def stop(message: str) -> NonFiniteStateError:
+        checkpointer.finish()  # an in-flight save is of a finite state: publish it, so `good()` is true
+        return NonFiniteStateError(f"{message}; {good()}; lower optim.lr or check the data, then resume")
 
     if start_step >= (tc.exit_at_step or tc.max_steps):
         logger.write(
@@ -174,9 +189,8 @@ def run(cfg: Config) -> dict[str, Any]:
                     f"({nonfinite_in_a_row} in a row, {skipped_total} in total)"
                 )
                 if nonfinite_in_a_row >= tc.max_nonfinite_steps:
-                    raise RuntimeError(
-                        f"train.max_nonfinite_steps: {nonfinite_in_a_row} non-finite steps in a row at step {step}; "
-                        "the last good checkpoint is intact, lower optim.lr or check the data"
+                    raise stop(
+                        f"train.max_nonfinite_steps: {nonfinite_in_a_row} non-finite steps in a row at step {step}"
                     )
             else:
                 nonfinite_in_a_row = 0
@@ -208,8 +222,8 @@ def run(cfg: Config) -> dict[str, Any]:
                 break
             if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step != last_step:
                 save(step)
-        if step > start_step or resume_from is None:
-            save(step)
+        if (step > start_step or resume_from is None) and not save(step):
+            raise stop(f"train: the state at step {step}, the last of this run, is non-finite and was not saved")
         checkpointer.finish()
     finally:
         shutdown.restore()
@@ -217,16 +231,14 @@ def run(cfg: Config) -> dict[str, Any]:
     return record
 
 
-def resume_path(cfg: Config) -> Path | None:
-    """train.resume: auto (latest in the checkpoint dir, if any), never, or a step directory."""
+def resume_path(cfg: Config) -> tuple[Path | None, str | None]:
+    """train.resume: auto (latest in the checkpoint dir, if any), never, or a step directory; with a note for the
+    console when auto did not find what `latest` names (missing or stale: the newest complete step is used)."""
     if cfg.train.resume == "never":
-        return None
+        return None, None
     if cfg.train.resume == "auto":
-        try:
-            return latest_checkpoint(cfg.checkpoint_dir)
-        except CheckpointError as e:
-            raise CheckpointError(f"{e}, or set train.resume=never to start over") from e
-    return Path(cfg.train.resume)
+        return find_latest(cfg.checkpoint_dir)
+    return Path(cfg.train.resume), None
 
 
 def truncate_metrics(path: Path, start_step: int) -> None:
