@@ -13,7 +13,8 @@ same batches: `off` (causal over the whole window), `on` (data.document_mask + r
 with the device's default kernel) and `on, dense mask` (the same with SDPA and a [B, 1, S, S] boolean mask, the
 reference kernel). Every round runs one step of each variant back to back, in a rotating order, on one batch, so
 all of them see the same machine load; the cost of masking is the ratio of the median step times minus one.
-Prints the table, writes the JSON results (--json) and the "Document masking" section of docs/benchmarks.md.
+Prints the table, writes the JSON results (--json) and the "Document masking" section of docs/benchmarks.md
+(`--render RESULTS.json` rewrites that section from a results file without measuring).
 Never run by the tests (tests/test_document_mask.py runs it once at a tiny size).
 """
 
@@ -82,6 +83,7 @@ def measure_case(case: str, args: argparse.Namespace, device: torch.device) -> d
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rng = np.random.default_rng(0)
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    cpu_times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     docs_per_window = []
     for round_ in range(args.warmup + args.pairs):
         batch = packed_windows(case, args.batch, args.seq_len, cfg.model.vocab_size, rng)
@@ -91,13 +93,14 @@ def measure_case(case: str, args: argparse.Namespace, device: torch.device) -> d
         for variant in order:
             model, optimizer, documents = runs[variant]
             sync()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             train_step(model, optimizer, micro, cfg.optim.clip_grad, amp, documents=documents)
             sync()
             if round_ >= args.warmup:
                 times[variant].append(time.perf_counter() - start)
+                cpu_times[variant].append(time.process_time() - cpu_start)
     tokens = args.batch * args.seq_len
-    off = statistics.median(times["off"])
+    off, cpu_off = statistics.median(times["off"]), statistics.median(cpu_times["off"])
     rows = []
     for variant in VARIANTS:
         median = statistics.median(times[variant])
@@ -109,10 +112,68 @@ def measure_case(case: str, args: argparse.Namespace, device: torch.device) -> d
                 "tokens_per_s": tokens / median,
                 "ratio_of_medians": median / off,
                 "median_of_paired_ratios": statistics.median(paired),
+                "cpu_ratio_of_medians": statistics.median(cpu_times[variant]) / cpu_off,
                 "step_s_all": times[variant],
+                "cpu_s_all": cpu_times[variant],
             }
         )
     return {"case": case, "docs_per_window_mean": float(np.mean(docs_per_window)), "variants": rows}
+
+
+def summary(results: list[dict]) -> str:
+    cost = {(r["case"], v["variant"]): v["ratio_of_medians"] - 1 for r in results for v in r["variants"]}
+    parts = [
+        f"{case}: masking {cost[(case, 'on')]:+.1%}, dense mask {cost[(case, 'on, dense mask')]:+.1%}"
+        for case in CASES
+        if (case, "on") in cost
+    ]
+    worst = max(cost[(case, "on")] for case in CASES if (case, "on") in cost)
+    verdict = "less" if worst < 0.10 else "more"
+    return (
+        "Step time against `off`: "
+        + "; ".join(parts)
+        + f". The default kernel costs {verdict} than 10% in the worst case."
+    )
+
+
+def results_table(results: list[dict]) -> str:
+    rows = [
+        [
+            r["case"],
+            f"{r['docs_per_window_mean']:.1f}",
+            v["variant"],
+            f"{v['step_s_median']:.3f}",
+            f"{v['tokens_per_s']:,.0f}",
+            f"{v['ratio_of_medians'] - 1:+.1%}",
+            f"{v['median_of_paired_ratios'] - 1:+.1%}",
+            f"{v['cpu_ratio_of_medians'] - 1:+.1%}",
+        ]
+        for r in results
+        for v in r["variants"]
+    ]
+    headers = ["documents", "docs/window", "masking", "s/step", "tokens/s", "cost", "cost (paired)", "cost (CPU s)"]
+    return markdown_table(headers, rows)
+
+
+def section_body(record: dict, json_name: str) -> str:
+    """The docs/benchmarks.md section for one run's record (as written to the JSON file)."""
+    cuda = record["device"] == "cuda"
+    kernel = "flex_attention" if cuda else "per-document SDPA calls"
+    return (
+        f"`{record['command']}` on {record['date']}: {record['machine']}, torch {record['torch']}. "
+        f"configs/tiny-cpu.yaml at sequence {record['seq_len']}, {record['windows_per_step']} windows per step in "
+        f"micro-batches of {record['micro_batch']}, {'bf16 autocast' if cuda else 'fp32'}, full training steps "
+        "(forward, backward, AdamW). `on` = data.document_mask + reset_position_ids + eod_mask_loss with the default "
+        f"kernel of model/document_mask.py ({kernel}); `on, dense mask` = the same through SDPA with a [B, 1, S, S] "
+        "boolean mask. web-like documents: lognormal lengths, median 400 tokens, sigma 1.2; one-document: windows "
+        f"without EOD. {record['rounds']} rounds, each one step of every variant back to back on the same batch in "
+        "a rotating order; cost = median step time over the `off` one, minus one (paired: the median of the "
+        "per-round ratios; CPU s: the same with the process's CPU time, which other processes on a shared machine "
+        f"disturb less). Raw numbers: `{json_name}`.\n\n"
+        + results_table(record["results"])
+        + "\n\n"
+        + summary(record["results"])
+    )
 
 
 def main() -> None:
@@ -127,30 +188,18 @@ def main() -> None:
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     p.add_argument("--json", default=None, help="where to write the results (default bench/results/...)")
     p.add_argument("--no-write", action="store_true", help="print only: no JSON file, docs/benchmarks.md untouched")
+    p.add_argument("--render", default=None, help="rewrite the docs section from a results JSON file, measure nothing")
     args = p.parse_args()
+    if args.render:
+        record = json.loads(Path(args.render).read_text())
+        write_section(SECTION[record["device"]], section_body(record, _display(Path(args.render))))
+        return
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     load = os.getloadavg()[0]
     results = [measure_case(case, args, device) for case in args.cases]
-
-    table_rows = []
-    for r in results:
-        for v in r["variants"]:
-            table_rows.append(
-                [
-                    r["case"],
-                    f"{r['docs_per_window_mean']:.1f}",
-                    v["variant"],
-                    f"{v['step_s_median']:.3f}",
-                    f"{v['tokens_per_s']:,.0f}",
-                    f"{v['ratio_of_medians'] - 1:+.1%}",
-                    f"{v['median_of_paired_ratios'] - 1:+.1%}",
-                ]
-            )
-    headers = ["documents", "docs/window", "masking", "s/step", "tokens/s", "cost (medians)", "cost (paired)"]
-    table = markdown_table(headers, table_rows)
-    print(table)
+    print(results_table(results))
     where = (
         torch.cuda.get_device_name()
         if device.type == "cuda"
@@ -176,19 +225,16 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {out}")
-    kernel = "flex_attention" if device.type == "cuda" else "per-document SDPA calls (model/document_mask.py)"
-    body = (
-        f"`{command}` on {record['date']}: {where}, torch {torch.__version__}. configs/tiny-cpu.yaml at sequence "
-        f"{args.seq_len}, {args.batch} windows per step in micro-batches of {args.micro_batch}, fp32, full training "
-        f"steps (forward, backward, AdamW). `on` = data.document_mask + reset_position_ids + eod_mask_loss with the "
-        f"default kernel ({kernel}); `on, dense mask` = the same through SDPA with a [B, 1, S, S] boolean mask. "
-        f"web-like documents: lognormal lengths, median 400 tokens, sigma 1.2; one-document: windows without EOD. "
-        f"{args.pairs} rounds, each one step of every variant back to back on the same batch in a rotating order; "
-        "cost = median step time over the `off` one, minus one (paired: the median of the per-round ratios). "
-        f"Raw numbers: `{out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}`.\n\n" + table
-    )
-    write_section("Document masking" + (" (GPU)" if device.type == "cuda" else ""), body)
-    print("wrote the 'Document masking' section of docs/benchmarks.md")
+    write_section(SECTION[device.type], section_body(record, _display(out)))
+    print(f"wrote the '{SECTION[device.type]}' section of docs/benchmarks.md")
+
+
+SECTION = {"cpu": "Document masking", "cuda": "Document masking (GPU)"}
+
+
+def _display(path: Path) -> str:
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ other orders); "differ" means a maximum absolute difference above 1e-3.
 """
 
 import contextlib
+import os
 
 import pytest
 import torch
@@ -202,3 +203,29 @@ def test_training_run_with_every_document_option(tmp_path, capsys):
     assert record["step"] == 3 and record["loss"] > 0 and record["val_loss"] > 0
     out = capsys.readouterr().out
     assert "EOD 256: attention within documents, positions reset per document, no loss on EOD -> next document" in out
+
+
+@pytest.mark.slow
+def test_benchmark_runs_every_case_and_variant():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    benchmarks = root / "docs" / "benchmarks.md"
+    before = benchmarks.read_bytes()
+    proc = subprocess.run(
+        [sys.executable, "bench/document_mask.py", "--seq-len", "512", "--pairs", "1", "--warmup", "0", "--no-write"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split("|")[1:4] for line in proc.stdout.splitlines() if line.startswith(("| web", "| one"))]
+    assert [(r[0].strip(), r[2].strip()) for r in rows] == [
+        (case, variant) for case in ("web-like", "one-document") for variant in ("off", "on", "on, dense mask")
+    ]
+    assert float(rows[0][1]) > 1.0 and float(rows[3][1]) == 1.0  # documents per window
+    assert benchmarks.read_bytes() == before
