@@ -120,6 +120,23 @@ def test_kernels_give_the_same_attention_and_gradients(monkeypatch):
     torch.testing.assert_close(changed[0][:, last], outputs["dense"][0][:, last])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex_attention's compiled kernel and backward need CUDA")
+def test_flex_kernel_on_cuda_matches_the_dense_mask_with_gradients():
+    g = torch.Generator().manual_seed(0)
+    B, H, G, S, Dh = 2, 4, 2, 300, 16  # S not a multiple of flex's 128-token blocks
+    inputs = torch.randint(0, 40, (B, S), generator=g).cuda()  # about every 40th token an EOD
+    doc_ids = document_ids(inputs, EOD)
+    q, k, v = (torch.randn(B, h, S, Dh, generator=g).cuda() for h in (H, G, G))
+    results = {}
+    for kernel in ("flex", "dense"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = document_attention(*leaves, document_mask(doc_ids, kernel))
+        out.square().sum().backward()
+        results[kernel] = [out.detach()] + [t.grad for t in leaves]
+    for got, want in zip(results["flex"], results["dense"], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 def packed_windows() -> torch.Tensor:
     """Four windows of 21 tokens with 0..3 EODs each (so micro-batches hold different numbers of masked
     positions)."""
