@@ -13,4 +13,7 @@ timeout 240 python bench/expert_forward.py --device cuda --repeats 10 --profile 
 timeout 90 python bench/peers.py --device cuda --repeats 5 2>&1 | tee "$OUT/peers.log"
 timeout 200 python bench/train_throughput.py --device cuda --presets moepp-0.6b --steps 10 --warmup 3 2>&1 |
     tee "$OUT/train_throughput.log"
+timeout 120 python -m pytest tests/test_document_mask.py -q -k cuda 2>&1 | tee "$OUT/document_mask_test.log"
+timeout 200 python bench/document_mask.py --device cuda --pairs 5 --warmup 3 --json "$OUT/document_mask_cuda.json" 2>&1 |
+    tee "$OUT/document_mask.log"
 cp docs/benchmarks.md "$OUT/benchmarks.md"

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.config import ModelConfig, MoEConfig
+from model.document_mask import DocumentMask, Kernel, document_attention, document_mask
 from model.experts import DenseFFN
 from model.moe import MoELayer, RoutingStats
 
@@ -39,13 +40,15 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, 
 
 
 def apply_rope(x_BHSD: Tensor, cos_SD: Tensor, sin_SD: Tensor) -> Tensor:
+    """cos/sin are [S, Dh] (positions 0..S-1 in every row) or [B, 1, S, Dh] (positions per row)."""
     half = x_BHSD.shape[-1] // 2
     rotated = torch.cat([-x_BHSD[..., half:], x_BHSD[..., :half]], dim=-1)
     return (x_BHSD * cos_SD + rotated * sin_SD).to(x_BHSD.dtype)
 
 
 class Attention(nn.Module):
-    """Causal grouped-query attention through scaled_dot_product_attention, no biases."""
+    """Causal grouped-query attention through scaled_dot_product_attention, no biases; with a DocumentMask,
+    block-causal within each document of the window."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -57,7 +60,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.hidden_size, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x_BSD: Tensor, cos_SD: Tensor, sin_SD: Tensor) -> Tensor:
+    def forward(self, x_BSD: Tensor, cos_SD: Tensor, sin_SD: Tensor, mask: DocumentMask | None = None) -> Tensor:
         B, S, _ = x_BSD.shape
         # -1 instead of the configured head counts: tensor parallelism shards the projections, so each rank sees
         # only its own heads.
@@ -65,7 +68,10 @@ class Attention(nn.Module):
         k = self.wk(x_BSD).view(B, S, -1, self.head_dim).transpose(1, 2)
         v = self.wv(x_BSD).view(B, S, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos_SD, sin_SD), apply_rope(k, cos_SD, sin_SD)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        else:
+            out = document_attention(q, k, v, mask)
         return self.wo(out.transpose(1, 2).reshape(B, S, -1))
 
 
@@ -88,9 +94,15 @@ class Block(nn.Module):
             self.ffn = DenseFFN(cfg.hidden_size, cfg.ffn_hidden_size)
 
     def forward(
-        self, x_BSD: Tensor, router_logits_TE: Tensor | None, cos_SD: Tensor, sin_SD: Tensor
+        self,
+        x_BSD: Tensor,
+        router_logits_TE: Tensor | None,
+        cos_SD: Tensor,
+        sin_SD: Tensor,
+        mask: DocumentMask | None = None,
     ) -> tuple[Tensor, Tensor | None, MoEAux | None]:
-        h = x_BSD + self.attention(self.attention_norm(x_BSD), cos_SD, sin_SD)
+        # Every argument positionally: tensor parallelism's input plan lists one layout per positional input.
+        h = x_BSD + self.attention(self.attention_norm(x_BSD), cos_SD, sin_SD, mask)
         normed = self.ffn_norm(h)
         if not self.is_moe:
             return h + self.ffn(normed), router_logits_TE, None
@@ -148,6 +160,9 @@ class Decoder(nn.Module):
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        # The kernel behind document masks (model/document_mask.py): auto = flex_attention on CUDA, per-document
+        # SDPA calls on CPU.
+        self.document_kernel: Kernel = "auto"
         self.init_weights()
 
     @torch.no_grad()
@@ -166,19 +181,34 @@ class Decoder(nn.Module):
                 p.normal_(0.0, std)
 
     def forward(
-        self, tokens_BS: Tensor | None = None, hidden_BSD: Tensor | None = None, router_logits_TE: Tensor | None = None
+        self,
+        tokens_BS: Tensor | None = None,
+        hidden_BSD: Tensor | None = None,
+        router_logits_TE: Tensor | None = None,
+        doc_ids_BS: Tensor | None = None,
+        position_ids_BS: Tensor | None = None,
     ) -> ModelOutput:
         """The whole model takes tokens. A pipeline stage (parallel/pipeline.py deletes the parts it does not own:
         the embedding, the final norm and head, other stages' layers) takes the previous stage's hidden states and
-        router logits instead, and returns hidden states when it has no head."""
+        router logits instead, and returns hidden states when it has no head.
+
+        Packed documents (data/packing.py computes both from the token window; every stage takes the same ones,
+        over the full sequence even under sequence parallelism): `doc_ids_BS` makes attention block-causal within
+        each document (equal ids = same document, non-decreasing along a row), `position_ids_BS` gives the RoPE
+        position of every token (e.g. restarting at each document). Without them: causal over the whole window,
+        positions 0..S-1."""
         h = self.tok_embeddings(tokens_BS) if self.tok_embeddings is not None else hidden_BSD
         # The full sequence length: under sequence parallelism h holds only this rank's slice of it.
         S = tokens_BS.shape[1] if tokens_BS is not None else h.shape[1]
-        cos, sin = self.rope_cos[:S], self.rope_sin[:S]
+        if position_ids_BS is None:
+            cos, sin = self.rope_cos[:S], self.rope_sin[:S]
+        else:
+            cos, sin = self.rope_cos[position_ids_BS].unsqueeze(1), self.rope_sin[position_ids_BS].unsqueeze(1)
+        mask = document_mask(doc_ids_BS, self.document_kernel) if doc_ids_BS is not None else None
         router_logits = router_logits_TE
         aux: list[MoEAux] = []
         for block in self.layers.values():
-            h, router_logits, layer_aux = block(h, router_logits, cos, sin)
+            h, router_logits, layer_aux = block(h, router_logits, cos, sin, mask)
             if layer_aux is not None:
                 aux.append(layer_aux)
         logits = self.output(self.norm(h)) if self.output is not None else None

@@ -10,6 +10,9 @@ modules, and the payload shape changes with the boundary; the non-interleaved 1F
 gloo and NCCL alike, and keeps each stage's backward explicit: autograd.backward([outputs..., balance term],
 [received grads..., 1]).
 
+Every stage holds the token windows of its micro-batches, so document masks and per-document positions
+(data/packing.py) are computed from them on each stage and never travel.
+
 Schedule (Megatron's non-interleaved 1F1B): stage s of P runs min(P-s-1, n) warm-up forwards, then alternates one
 forward and one backward, then drains the remaining backwards; paired send/recv go through batch_isend_irecv.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -73,12 +77,14 @@ class _InFlight:
     outputs: list[Tensor]  # tensors sent downstream, or [loss] on the last stage
     aux_term: Tensor | None  # this stage's aux loss / n, backpropagated with the outputs (not on the last stage)
     out: ModelOutput
-    ce: Tensor | None = None  # detached mean CE (last stage)
+    ce: Tensor | None = None  # detached scaled CE (last stage)
 
 
 @dataclass
 class StageResult:
-    ce_sum: Tensor  # sum over micro-batches of the mean CE (last stage; zero elsewhere)
+    # Sum over micro-batches of the summed CE times the step's scale (train.step.ce_scale: this rank's share of the
+    # step's mean CE); last stage, zero elsewhere.
+    ce_sum: Tensor
     aux_sum: Tensor  # sum over micro-batches of this stage's aux loss (weighted balance terms)
     routing: list[list[RoutingStats]] = field(default_factory=list)  # per micro-batch, this stage's MoE layers
 
@@ -137,20 +143,25 @@ class PipelineSchedule:
         received: list[Tensor] | None,
         n_micro: int,
         amp: contextlib.AbstractContextManager,
+        documents: Any,
+        scale: Tensor | float,
     ) -> _InFlight:
-        from train.step import lm_loss  # the loss lives with training; imported here to keep parallel/ light
+        # The loss lives with training; imported here to keep parallel/ light.
+        from train.step import lm_loss, window_inputs
 
+        token_inputs, targets, doc_inputs = window_inputs(tokens, documents)
         inputs: list[Tensor] = []
         with amp:
             if self.is_first:
-                out = self.model(tokens_BS=tokens[:, :-1])
+                out = self.model(tokens_BS=token_inputs, **doc_inputs)
             else:
                 assert received is not None
                 inputs = [t.requires_grad_() for t in received]
-                out = self.model(hidden_BSD=inputs[0], router_logits_TE=inputs[1] if self.residual_in else None)
+                residual = inputs[1] if self.residual_in else None
+                out = self.model(hidden_BSD=inputs[0], router_logits_TE=residual, **doc_inputs)
         if self.is_last:
-            ce = lm_loss(out, tokens[:, 1:])
-            loss = (ce + out.aux_loss) / n_micro
+            ce = lm_loss(out, targets, reduction="sum") * scale
+            loss = ce + out.aux_loss / n_micro
             return _InFlight(inputs, [loss], None, out, ce.detach())
         outputs = [out.hidden_BSD]
         if self.residual_out:
@@ -176,8 +187,20 @@ class PipelineSchedule:
 
     # -- schedules ------------------------------------------------------------------------------------------------
 
-    def forward_backward(self, micro_batches: list[Tensor], amp: contextlib.AbstractContextManager) -> StageResult:
+    def forward_backward(
+        self,
+        micro_batches: list[Tensor],
+        amp: contextlib.AbstractContextManager,
+        documents: Any = None,
+        scale: Tensor | float | None = None,
+    ) -> StageResult:
+        """One step's forwards and backwards on this stage. documents: a data.packing.DocumentPacking or None;
+        scale: the factor of each micro-batch's summed CE (train.step.ce_scale; default: the mean over these
+        micro-batches' positions)."""
+        from train.step import ce_scale
+
         n = len(micro_batches)
+        scale = ce_scale(micro_batches, documents) if scale is None else scale
         device = micro_batches[0].device
         recv_fwd_shapes = None if self.is_first else self._shapes(micro_batches[0], self.residual_in)
         recv_bwd_shapes = None if self.is_last else self._shapes(micro_batches[0], self.residual_out)
@@ -188,7 +211,7 @@ class PipelineSchedule:
 
         def forward(i: int, received: list[Tensor] | None) -> _InFlight:
             nonlocal ce_sum, aux_sum
-            job = self._forward(micro_batches[i], received, n, amp)
+            job = self._forward(micro_batches[i], received, n, amp, documents, scale)
             if job.ce is not None:
                 ce_sum = ce_sum + job.ce
             aux_sum = aux_sum + job.out.aux_loss.detach()
@@ -217,17 +240,23 @@ class PipelineSchedule:
         return StageResult(ce_sum, aux_sum, routing)
 
     @torch.no_grad()
-    def forward_only(self, tokens: Tensor, amp: contextlib.AbstractContextManager) -> ModelOutput:
+    def forward_only(
+        self, tokens: Tensor, amp: contextlib.AbstractContextManager, documents: Any = None
+    ) -> ModelOutput:
         """One batch through the stages (evaluation); the last stage's output has the logits."""
+        from train.step import window_inputs
+
+        token_inputs, _, doc_inputs = window_inputs(tokens, documents)
         device = tokens.device
         received = self._p2p(
             None, None, None if self.is_first else self._shapes(tokens, self.residual_in), self.prev, device
         )
         with amp:
             if self.is_first:
-                out = self.model(tokens_BS=tokens[:, :-1])
+                out = self.model(tokens_BS=token_inputs, **doc_inputs)
             else:
-                out = self.model(hidden_BSD=received[0], router_logits_TE=received[1] if self.residual_in else None)
+                residual = received[1] if self.residual_in else None
+                out = self.model(hidden_BSD=received[0], router_logits_TE=residual, **doc_inputs)
         if not self.is_last:
             payload = [out.hidden_BSD] + ([out.router_logits_TE] if self.residual_out else [])
             self._p2p(payload, self.next, None, None, device)

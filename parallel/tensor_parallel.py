@@ -75,7 +75,7 @@ def apply_tensor_parallel(model: Decoder, tp_mesh: DeviceMesh, sequence_parallel
         if sequence_parallel:
             plan["attention_norm"] = SequenceParallel()
             plan["attention"] = PrepareModuleInput(
-                input_layouts=(Shard(1), None, None), desired_input_layouts=(Replicate(), None, None)
+                input_layouts=(Shard(1), None, None, None), desired_input_layouts=(Replicate(), None, None, None)
             )
             if dense:
                 plan["ffn_norm"] = SequenceParallel()

@@ -116,3 +116,49 @@ def test_vanilla_twins_share_ffn_experts_and_drop_the_rest():
         assert vanilla.moe.num_experts == moepp.moe.num_experts and vanilla.model == moepp.model
         assert vanilla.moe.num_zc_experts == 0 and not vanilla.moe.gating_residual
         assert moepp.moe.num_zc_experts in (4, 8) and moepp.moe.gating_residual
+
+
+def test_document_options_need_a_known_end_of_document_id(tmp_path):
+    import numpy as np
+
+    from data.indexed import IndexedDatasetWriter
+
+    prefix = tmp_path / "corpus"
+    with IndexedDatasetWriter(prefix, np.uint16) as w:
+        w.add_documents(np.arange(400, dtype=np.uint16) % 500, np.array([150, 250]))
+    text = tmp_path / "docs.txt"
+    text.write_text("one document\n\nanother one\n")
+    preset = ROOT / "configs/tiny-cpu.yaml"
+
+    def error(overrides: list[str]) -> str:
+        with pytest.raises(ConfigError) as info:
+            load_config(preset, overrides)
+        assert "\n" not in str(info.value)
+        return str(info.value)
+
+    assert error(["data.document_mask=true"]).startswith("data.document_mask: the synthetic corpus")
+    message = error([f"data.path={prefix}", "data.document_mask=true"])
+    assert message.startswith("data.document_mask: needs the end-of-document token id") and "data.eod_id" in message
+    assert error([f"data.path={prefix}", "data.eod_mask_loss=true"]).startswith("data.eod_mask_loss: needs")
+    assert error([f"data.path={prefix}", "data.eod_id=512"]).startswith("data.eod_id: 512 >= model.vocab_size=512")
+    assert error([f"data.path={prefix}", "data.eod_id=-1"]).startswith("data.eod_id: must be >= 0")
+    assert error([f"data.path={text}", "data.eod_id=5"]).startswith("data.eod_id: byte-level")
+    assert error(["data.document_mask=yes please"]).startswith("data.document_mask: expected true or false")
+
+    cfg = load_config(preset, [f"data.path={prefix}", "data.eod_id=2", "data.document_mask=true"])
+    packing = cfg.data.packing()
+    assert (packing.eod_id, packing.mask_attention, packing.reset_positions, packing.mask_loss) == (
+        2,
+        True,
+        False,
+        False,
+    )
+    cfg = load_config(preset, [f"data.path={text}", "data.reset_position_ids=true", "data.eod_mask_loss=true"])
+    packing = cfg.data.packing()
+    assert (packing.eod_id, packing.mask_attention, packing.reset_positions, packing.mask_loss) == (
+        256,
+        False,
+        True,
+        True,
+    )
+    assert load_config(preset, [f"data.path={text}"]).data.packing() is None  # off by default

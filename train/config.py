@@ -18,6 +18,8 @@ from typing import Any, Literal
 import yaml
 
 from data.indexed import bin_path, idx_path, normalize_prefix
+from data.packing import DocumentPacking
+from data.text import EOD_ID as BYTE_EOD_ID
 from data.text import VOCAB_SIZE as BYTE_VOCAB_SIZE
 from data.text import is_text_path
 from launch.config import ClusterConfig
@@ -62,6 +64,17 @@ class DataConfig:
     # Share of documents (the last ones of each dataset) held out for validation.
     valid_fraction: float = 0.01
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    # Windows are packed across documents; these three treat the documents inside a window apart (data/packing.py).
+    # Attention block-causal within each document: no token attends into the previous, unrelated document.
+    document_mask: bool = False
+    # RoPE positions restart at 0 on the token after each end-of-document token.
+    reset_position_ids: bool = False
+    # No loss on the prediction made at an end-of-document token (its target is the next document's first token);
+    # the step's loss is the mean over the remaining positions of the whole global batch.
+    eod_mask_loss: bool = False
+    # The end-of-document token id. null: 256 for byte-level .txt/.jsonl data, data.tokenizer's for indexed datasets.
+    # Set it for an indexed dataset built without a tokenizer the config names, or with another EOD than its own.
+    eod_id: int | None = None
 
     def validate(self) -> None:
         require(self.seq_len > 0, "data.seq_len", f"must be positive, got {self.seq_len}")
@@ -90,6 +103,8 @@ class DataConfig:
             "mixes byte-level .txt/.jsonl files with indexed datasets (different token ids); build indexed datasets "
             "of the text files with tools/preprocess_data.py",
         )
+        if self.eod_id is not None:
+            require(self.eod_id >= 0, "data.eod_id", f"must be >= 0, got {self.eod_id}")
         if self.tokenizer is not None:
             require(
                 Path(self.tokenizer).exists(),
@@ -101,6 +116,60 @@ class DataConfig:
     @property
     def paths(self) -> list[str]:
         return [self.path] if self.path is not None else [d.path for d in self.datasets]
+
+    def eod_token_id(self) -> int | None:
+        """The end-of-document id of the configured data: data.eod_id, else 256 for byte-level files, else
+        data.tokenizer's; None for the synthetic corpus (no documents) or an indexed dataset without either."""
+        if not self.paths:
+            return None
+        if self.eod_id is not None:
+            return self.eod_id
+        if is_text_path(self.paths[0]):
+            return BYTE_EOD_ID
+        if self.tokenizer is not None:
+            from data.tokenizer import load_tokenizer  # the tokenizer library only when one is configured
+
+            try:
+                return load_tokenizer(self.tokenizer).eod_id
+            except (ValueError, FileNotFoundError, ImportError) as e:
+                raise ConfigError(f"data.tokenizer: {e}") from e
+        return None
+
+    def packing(self) -> DocumentPacking | None:
+        """What training does with the documents of a window; None when it treats the window as one sequence."""
+        if not (self.document_mask or self.reset_position_ids or self.eod_mask_loss):
+            return None
+        eod = self.eod_token_id()
+        assert eod is not None, "validate_documents() rejects document options without an EOD id"
+        return DocumentPacking(eod, self.document_mask, self.reset_position_ids, self.eod_mask_loss)
+
+    def validate_documents(self, vocab_size: int) -> None:
+        """Cross-section check: the document options need the EOD id, which must be a token of the vocabulary."""
+        if self.eod_id is not None:
+            require(self.eod_id < vocab_size, "data.eod_id", f"{self.eod_id} >= model.vocab_size={vocab_size}")
+            if self.paths and is_text_path(self.paths[0]):
+                require(
+                    self.eod_id == BYTE_EOD_ID,
+                    "data.eod_id",
+                    f"byte-level .txt/.jsonl data ends documents with {BYTE_EOD_ID}, not {self.eod_id}; drop "
+                    "data.eod_id or set it to 256",
+                )
+        on = [k for k in ("document_mask", "reset_position_ids", "eod_mask_loss") if getattr(self, k)]
+        if not on:
+            return
+        key = f"data.{on[0]}"
+        require(
+            bool(self.paths),
+            key,
+            "the synthetic corpus is one stream without documents; set data.path or data.datasets to data with "
+            "end-of-document tokens, or turn it off",
+        )
+        require(
+            self.eod_token_id() is not None,
+            key,
+            "needs the end-of-document token id, which an indexed dataset does not record; set data.tokenizer (the "
+            "tokenizer it was built with) or data.eod_id",
+        )
 
     def validate_vocab(self, vocab_size: int) -> None:
         """Cross-section check: the token ids the data can contain must fit model.vocab_size."""
@@ -324,6 +393,7 @@ class Config:
             require(value % tp == 0, key, f"{value} is not divisible by parallel.tp={tp}")
         self.data.validate_vocab(self.model.vocab_size)
         check_memory(self)
+        self.data.validate_documents(self.model.vocab_size)
         return self
 
     @property

@@ -8,10 +8,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from data.packing import DocumentPacking
 from data.synthetic import SyntheticCorpus
 from model.moe import MoELayer
 from model.router import RouterOutput
-from train.step import lm_loss
+from train.step import lm_loss, window_inputs
 
 
 @torch.no_grad()
@@ -21,10 +22,11 @@ def evaluate(
     amp: contextlib.AbstractContextManager,
     corpus: SyntheticCorpus | None = None,
     seq_shard: tuple[int, int] | None = None,
+    documents: DocumentPacking | None = None,
 ) -> dict[str, Any]:
     """Validation loss (and FFN experts per easy/hard position on the synthetic corpus). seq_shard (index, count):
     under sequence parallelism this rank's MoE layers see only that slice of each sequence, so the easy/hard
-    statistics cover that slice."""
+    statistics cover that slice. documents: the same document masking and EOD loss mask as training."""
     was_training = model.training
     model.eval()
     routes: list[RouterOutput] = []
@@ -35,9 +37,10 @@ def evaluate(
         losses, easy_ffn, hard_ffn = [], [], []
         for tokens in batches:
             routes.clear()
+            inputs, targets, doc_inputs = window_inputs(tokens, documents)
             with amp:
-                out = model(tokens[:, :-1])
-            losses.append(lm_loss(out, tokens[:, 1:]))
+                out = model(inputs, **doc_inputs)
+            losses.append(lm_loss(out, targets))
             if corpus is not None and routes:
                 # A position is easy when the token it predicts is a tail token (fully determined by context).
                 easy = torch.from_numpy(~corpus.is_head(tokens[:, 1:].cpu().numpy()))
@@ -61,7 +64,11 @@ def evaluate(
 
 @torch.no_grad()
 def evaluate_pipeline(
-    pipeline, batches: list[Tensor], amp: contextlib.AbstractContextManager, pp_group
+    pipeline,
+    batches: list[Tensor],
+    amp: contextlib.AbstractContextManager,
+    pp_group,
+    documents: DocumentPacking | None = None,
 ) -> dict[str, Any]:
     """Validation loss through pipeline stages: the last stage computes it, every stage gets it. (The per-position
     easy/hard routing statistics need all layers in one place and are not computed under pipeline parallelism.)"""
@@ -73,9 +80,9 @@ def evaluate_pipeline(
     try:
         total = torch.zeros((), device=batches[0].device)
         for tokens in batches:
-            out = pipeline.forward_only(tokens, amp)
+            out = pipeline.forward_only(tokens, amp, documents)
             if pipeline.is_last:
-                total += lm_loss(out, tokens[:, 1:])
+                total += lm_loss(out, window_inputs(tokens, documents)[1])
         dist.all_reduce(total, group=pp_group)
         return {"val_loss": (total / len(batches)).item()}  # host sync, eval only
     finally:

@@ -4,6 +4,15 @@ Loss = mean token cross-entropy + the model's aux loss (every moe.balance term t
 MoE layers). Nothing here syncs with the host: losses and routing counters stay device tensors until the logger
 reads them. After the optimizer step every router gets its between-step update (aux-free bias, ETR capacity).
 Whether the resulting state may be saved (state_is_finite) is asked at save time, not per step.
+
+Normalisation of the cross-entropy: the step's CE is the mean over every position with a loss in the whole global
+batch (all micro-batches, all data-parallel ranks), N of them. Each micro-batch contributes its *summed* CE times
+`dp / N`, so a rank's CE is dp x (its share of the sum) / N and the mean over dp ranks, which GradSync's 1/dp
+gradient averaging and the logger both take, is sum / N: gradient accumulation and data parallelism give the single
+process's loss and gradients whatever the micro-batch split. Without `data.eod_mask_loss` every micro-batch holds
+the same number of positions and N is known; with it, the masked positions vary, so N is counted from the step's
+windows before the forward and summed over dp ranks (one all-reduce of one number per step). The balance loss stays
+a mean over micro-batches of per-micro-batch terms (`/ n`).
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
+from data.packing import IGNORE_INDEX, DocumentPacking
 from model.moe import RoutingStats
 from model.router import Router
 from model.transformer import ModelOutput, sum_terms
@@ -27,7 +37,9 @@ from parallel.pipeline import PipelineSchedule
 
 @dataclass
 class StepResult:
-    loss: Tensor  # mean cross-entropy over the step's tokens (detached)
+    # This rank's share of the step's mean cross-entropy (detached): its mean over data-parallel ranks is the mean
+    # over every position with a loss in the global batch.
+    loss: Tensor
     aux_loss: Tensor  # mean over micro-batches of the weighted balance terms summed over layers (detached)
     grad_norm: Tensor
     routing: list[RoutingStats]  # one per MoE layer, counters summed over micro-batches
@@ -48,12 +60,38 @@ def loss_context(output: ModelOutput) -> contextlib.AbstractContextManager:
     return loss_parallel() if isinstance(output.logits_BSV, DTensor) else contextlib.nullcontext()
 
 
-def lm_loss(output: ModelOutput, targets_BS: Tensor) -> Tensor:
+def lm_loss(output: ModelOutput, targets_BS: Tensor, reduction: str = "mean") -> Tensor:
+    """Cross-entropy over the positions whose target is not IGNORE_INDEX: their mean, or with reduction="sum" their
+    sum."""
     logits = output.logits_BSV
     with loss_context(output):
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets_BS.reshape(-1))
+        loss = F.cross_entropy(
+            logits.float().flatten(0, 1), targets_BS.reshape(-1), ignore_index=IGNORE_INDEX, reduction=reduction
+        )
     # loss_parallel returns a replicated DTensor; its local value is the full loss on every tp rank.
     return loss.to_local() if isinstance(loss, DTensor) else loss
+
+
+def window_inputs(window_BS1: Tensor, documents: DocumentPacking | None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """A [B, S+1] token window -> (input tokens, targets, Decoder.forward's document inputs)."""
+    inputs = window_BS1[:, :-1]
+    if documents is None:
+        return inputs, window_BS1[:, 1:], {}
+    return inputs, documents.targets(window_BS1), documents.model_inputs(inputs)
+
+
+def ce_scale(
+    micro_batches: list[Tensor], documents: DocumentPacking | None = None, grad_sync: GradSync | None = None
+) -> Tensor | float:
+    """dp / N: the factor of each micro-batch's summed CE (N = positions with a loss in the global batch)."""
+    if documents is None or not documents.mask_loss:
+        # Every micro-batch of every rank holds this many positions, all with a loss: dp / N = 1 / local count.
+        return 1.0 / sum(window[:, 1:].numel() for window in micro_batches)
+    count = torch.stack([(documents.targets(w) != IGNORE_INDEX).sum() for w in micro_batches]).sum()
+    dp = grad_sync.ctx.dims.dp if grad_sync is not None else 1
+    if dp > 1:  # one all-reduce of one number per step; the count stays on the device (no host sync)
+        dist.all_reduce(count, group=grad_sync.ctx.group("dp"))
+    return dp / count.clamp(min=1)
 
 
 def merge_routing(total: list[RoutingStats] | None, new: list[RoutingStats]) -> list[RoutingStats]:
@@ -80,18 +118,21 @@ def train_step(
     amp: contextlib.AbstractContextManager | None = None,
     grad_sync: GradSync | None = None,
     pipeline: PipelineSchedule | None = None,
+    documents: DocumentPacking | None = None,
 ) -> StepResult:
     """micro_batches: token windows [b, S+1]; inputs are [:, :-1], targets [:, 1:]. With a pipeline schedule this
-    rank runs its stage's share (1F1B); its loss is then the last stage's CE and its balance loss its own layers'."""
+    rank runs its stage's share (1F1B); its loss is then the last stage's CE and its balance loss its own layers'.
+    `documents`: document masking, per-document positions and the EOD loss mask (data/packing.py)."""
     amp = amp or contextlib.nullcontext()
     n = len(micro_batches)
+    scale = ce_scale(micro_batches, documents, grad_sync)
     if pipeline is not None:
-        stage = pipeline.forward_backward(micro_batches, amp)
+        stage = pipeline.forward_backward(micro_batches, amp, documents, scale)
         ce_sum, aux_sum, routing = stage.ce_sum, stage.aux_sum, None
         for stats in stage.routing:
             routing = merge_routing(routing, stats)
     else:
-        ce_sum, aux_sum, routing = local_forward_backward(model, micro_batches, amp)
+        ce_sum, aux_sum, routing = local_forward_backward(model, micro_batches, amp, documents, scale)
     if grad_sync is not None:
         grad_sync.reduce()
         grad_norm = grad_sync.clip_(clip_grad)
@@ -105,7 +146,7 @@ def train_step(
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     after_optimizer_step(model, stepped=finite)
-    return StepResult(ce_sum / n, aux_sum / n, grad_norm.detach(), routing or [], skipped=not finite)
+    return StepResult(ce_sum, aux_sum / n, grad_norm.detach(), routing or [], skipped=not finite)
 
 
 def state_is_finite(
@@ -142,20 +183,26 @@ def after_optimizer_step(model: nn.Module, stepped: bool) -> None:
 
 
 def local_forward_backward(
-    model: nn.Module, micro_batches: list[Tensor], amp: contextlib.AbstractContextManager
+    model: nn.Module,
+    micro_batches: list[Tensor],
+    amp: contextlib.AbstractContextManager,
+    documents: DocumentPacking | None = None,
+    scale: Tensor | float | None = None,
 ) -> tuple[Tensor, Tensor, list[RoutingStats] | None]:
-    """Gradient accumulation over micro-batches on one pipeline stage holding the whole model."""
+    """Gradient accumulation over micro-batches on one pipeline stage holding the whole model. Returns the summed
+    CE times `scale` (default: the mean over these micro-batches' positions), the summed aux loss and the routing."""
     n = len(micro_batches)
+    scale = ce_scale(micro_batches, documents) if scale is None else scale
     ce_sum = torch.zeros((), device=micro_batches[0].device)
     aux_sum = torch.zeros((), device=micro_batches[0].device)
     routing: list[RoutingStats] | None = None
     for tokens in micro_batches:
+        inputs, targets, doc_inputs = window_inputs(tokens, documents)
         with amp:
-            out = model(tokens[:, :-1])
-        ce = lm_loss(out, tokens[:, 1:])
-        # Every micro-batch has the same token count, so dividing by n makes the gradient that of the step mean.
+            out = model(inputs, **doc_inputs)
+        ce = lm_loss(out, targets, reduction="sum") * scale
         with loss_context(out):
-            ((ce + out.aux_loss) / n).backward()
+            (ce + out.aux_loss / n).backward()
         ce_sum += ce.detach()
         aux_sum += out.aux_loss.detach()
         routing = merge_routing(routing, [a.stats for a in out.moe_layers])

@@ -15,6 +15,7 @@ import torch.distributed as dist
 import yaml
 
 from data.loader import build_data
+from data.packing import DocumentPacking
 from model.config import ConfigError
 from model.errors import UserError
 from model.moe import RoutingStats
@@ -95,6 +96,7 @@ def run(cfg: Config) -> dict[str, Any]:
     optimizer = build_optimizer(model, cfg.optim)
     grad_sync = GradSync(model, ctx)
     data = build_data(cfg.data, tc.seed, cfg.model.vocab_size)
+    documents = cfg.data.packing()
     amp = autocast_context(device, tc.dtype)
     checkpointer = Checkpointer(
         cfg.checkpoint_dir, ctx, cfg.checkpoint.keep_last, cfg.checkpoint.async_, verify=cfg.checkpoint.verify
@@ -135,6 +137,7 @@ def run(cfg: Config) -> dict[str, Any]:
         f"{tc.max_steps} steps x {tokens_per_step} tokens on {device}, world {d.world_size} = "
         f"pp {d.pp} x tp {d.tp} x dp {d.dp} (ep {d.ep}), {n_micro} micro-batch(es) of {tc.micro_batch_size} per rank"
         + (f"; synthetic corpus, loss floor {floor:.4f} nats" if floor is not None else "")
+        + (f"; {describe_documents(documents)}" if documents is not None else "")
         + (f"; resumed from {resume_from} (step {start_step})" if resume_from is not None else "")
     )
 
@@ -179,7 +182,7 @@ def run(cfg: Config) -> dict[str, Any]:
             batch = data.global_batch(consumed, tc.global_batch_size, ctx.dp_rank, d.dp).to(device)
             consumed += tc.global_batch_size
             micro = list(batch.split(tc.micro_batch_size))
-            result = train_step(model, optimizer, micro, cfg.optim.clip_grad, amp, grad_sync, pipeline)
+            result = train_step(model, optimizer, micro, cfg.optim.clip_grad, amp, grad_sync, pipeline, documents)
             interval_steps += 1
             logger.advance()
             if result.skipped:
@@ -210,10 +213,10 @@ def run(cfg: Config) -> dict[str, Any]:
                 )
                 if tc.eval_interval and (step % tc.eval_interval == 0 or step == tc.max_steps):
                     if pipeline is not None:
-                        record.update(evaluate_pipeline(pipeline, valid_batches, amp, ctx.group("pp")))
+                        record.update(evaluate_pipeline(pipeline, valid_batches, amp, ctx.group("pp"), documents))
                     else:
                         shard = (ctx.tp_rank, d.tp) if d.sp else None
-                        record.update(evaluate(model, valid_batches, amp, data.corpus, shard))
+                        record.update(evaluate(model, valid_batches, amp, data.corpus, shard, documents))
                 logger.log(record, console=format_line(record, tc.max_steps, floor))
                 interval_start, interval_steps = time.perf_counter(), 0
 
@@ -229,6 +232,15 @@ def run(cfg: Config) -> dict[str, Any]:
         shutdown.restore()
         logger.close()
     return record
+
+
+def describe_documents(documents: DocumentPacking) -> str:
+    parts = [
+        "attention within documents" if documents.mask_attention else "attention across documents",
+        *(["positions reset per document"] if documents.reset_positions else []),
+        *(["no loss on EOD -> next document"] if documents.mask_loss else []),
+    ]
+    return f"EOD {documents.eod_id}: " + ", ".join(parts)
 
 
 def resume_path(cfg: Config) -> tuple[Path | None, str | None]:

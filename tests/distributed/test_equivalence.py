@@ -53,3 +53,17 @@ ROUTER_FAMILY = {
 def test_router_family_matches_single_process_on_the_concatenated_batch(case):
     world, tp, ep, sp, variant = ROUTER_FAMILY[case]
     run_world(workers.router_family, world, tp, ep, sp, variant)
+
+
+DOCUMENT_LAYOUTS = {
+    # world, tp, ep, pp, sequence parallel
+    "tp2": (2, 2, 1, 1, False),
+    "tp2-sp": (2, 2, 1, 1, True),
+    "dp2xep2": (2, 1, 2, 1, False),  # the masked positions differ between the ranks: the loss is the global mean
+}
+
+
+@pytest.mark.parametrize("layout", DOCUMENT_LAYOUTS)
+def test_document_masking_matches_single_process(layout):
+    world, *args = DOCUMENT_LAYOUTS[layout]
+    run_world(workers.document_equivalence, world, *args)

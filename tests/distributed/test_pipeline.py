@@ -22,3 +22,8 @@ CASES = {
 def test_pipeline_matches_single_process(case):
     world, *args = CASES[case]
     run_world(workers.pipeline_equivalence, world, *args)
+
+
+def test_document_masking_across_pipeline_stages_matches_single_process():
+    """Every stage builds the document mask and positions from its own copy of the micro-batch's tokens."""
+    run_world(workers.document_equivalence, 2, 1, 1, 2, False)

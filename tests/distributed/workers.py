@@ -259,12 +259,13 @@ def pipeline_equivalence(
     no_amp = contextlib.nullcontext()
     ce_ref, bal_ref, _ = local_forward_backward(ref, list(steps[0].split(1)), no_amp)
     stage = sched.forward_backward(mine(steps[0]), no_amp)
-    values = torch.stack([stage.ce_sum, stage.aux_sum]) / n_micro
+    # ce_sum: this rank's mean CE over its micro-batches (every one has as many positions); aux_sum: a sum.
+    values = torch.stack([stage.ce_sum, stage.aux_sum / n_micro])
     dist.all_reduce(values, group=ctx.group("pp"))  # CE lives on the last stage, L_b on every stage
     if dp > 1:
         dist.all_reduce(values, group=ctx.group("dp"))
         values /= dp
-    _close("loss", values[0], ce_ref / (dp * n_micro))
+    _close("loss", values[0], ce_ref)
     _close("balance loss", values[1], bal_ref / (dp * n_micro))
     sync.reduce()
     grads = full_tensors(par, ctx, grads=True)
@@ -366,3 +367,95 @@ def router_family(rank: int, world: int, tp: int, ep: int, sp: bool, variant: st
     for r, p in zip(ref_routers, par_routers, strict=True):
         assert r.expert_bias_E.abs().sum() > 0
         assert torch.equal(p.expert_bias_E, r.expert_bias_E), (p.expert_bias_E, r.expert_bias_E)
+
+
+DOC_EOD = 5
+
+
+def _packed_windows(rows: int, g: torch.Generator) -> torch.Tensor:
+    """Windows of 13 tokens, window r with 1 + r % 3 EODs among its inputs: several documents per window, and
+    different numbers of masked positions in the micro-batches."""
+    tokens = torch.randint(0, 64, (rows, 13), generator=g)
+    tokens[tokens == DOC_EOD] = DOC_EOD + 1
+    for r in range(rows):
+        tokens[r, torch.randperm(12, generator=g)[: 1 + r % 3]] = DOC_EOD
+    return tokens
+
+
+def document_equivalence(rank: int, world: int, tp: int, ep: int, pp: int, sp: bool) -> None:
+    """Block-causal document attention, per-document positions and the EOD loss mask in a parallel layout against
+    the single-process model, which sees every rank's micro-batches as its own: logits, the step's loss (the mean
+    over the unmasked positions of the global batch), every gradient, and after 2 AdamW steps the parameters."""
+    from data.packing import DocumentPacking
+    from parallel import pipeline_schedule
+    from train.step import ce_scale, local_forward_backward
+
+    ctx = init_parallel(ParallelConfig(tp=tp, ep=ep, pp=pp, sequence_parallel=sp), "cpu")
+    dp, n_micro = ctx.dims.dp, 2
+    mcfg, moecfg = tiny_model_configs()
+    torch.manual_seed(0)
+    ref = Decoder(mcfg, moecfg)
+    par = parallelize(copy.deepcopy(ref), ctx)
+    sched = pipeline_schedule(par, ctx)
+    sync = GradSync(par, ctx)
+    packing = DocumentPacking(DOC_EOD, mask_attention=True, reset_positions=True, mask_loss=True)
+    g = torch.Generator().manual_seed(1)
+    steps = [_packed_windows(dp * n_micro, g) for _ in range(3)]
+    masked_per_window = (steps[0][:, :-1] == DOC_EOD).sum(1)
+    assert masked_per_window.min() > 0 and len(set(masked_per_window.tolist())) > 1
+
+    def mine(batch: torch.Tensor) -> list[torch.Tensor]:
+        return list(batch[ctx.dp_rank * n_micro : (ctx.dp_rank + 1) * n_micro].split(1))
+
+    def global_loss(rank_loss: torch.Tensor) -> torch.Tensor:
+        loss = rank_loss.detach().clone()
+        if pp > 1:  # the CE lives on the last stage
+            dist.all_reduce(loss, group=ctx.group("pp"))
+        if dp > 1:
+            dist.all_reduce(loss, group=ctx.group("dp"))
+        return loss / dp
+
+    no_amp = contextlib.nullcontext()
+    window = torch.cat(mine(steps[0]))
+    inputs = window[:, :-1]
+    with torch.no_grad():
+        want = ref(inputs, **packing.model_inputs(inputs)).logits_BSV
+        if sched is not None:
+            out = sched.forward_only(window, no_amp, packing)
+            logits = out.logits_BSV if sched.is_last else None
+        else:
+            logits = par(inputs, **packing.model_inputs(inputs)).logits_BSV
+    if logits is not None:
+        _close("logits", logits.full_tensor() if hasattr(logits, "full_tensor") else logits, want)
+
+    ce_ref, _, _ = local_forward_backward(ref, list(steps[0].split(1)), no_amp, packing)
+    scale = ce_scale(mine(steps[0]), packing, sync)
+    if sched is not None:
+        ce = sched.forward_backward(mine(steps[0]), no_amp, packing, scale).ce_sum
+    else:
+        ce, _, _ = local_forward_backward(par, mine(steps[0]), no_amp, packing, scale)
+    _close("loss (mean over the unmasked positions of the global batch)", global_loss(ce), ce_ref)
+    sync.reduce()
+    grads = full_tensors(par, ctx, grads=True)
+    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+    for name, got in grads.items():
+        _close(f"grad {name}", got, ref_grads[name])
+    seen = [None] * world
+    dist.all_gather_object(seen, sorted(grads))
+    assert set().union(*map(set, seen)) == set(ref_grads)  # every parameter was compared on some rank
+    ref.zero_grad(set_to_none=True)
+    par.zero_grad(set_to_none=True)
+
+    optim_cfg = OptimConfig(lr=1e-2, weight_decay=0.1, eps=ADAM_EPS)
+    opt_ref, opt_par = build_optimizer(ref, optim_cfg), build_optimizer(par, optim_cfg)
+    for step in (1, 2):
+        r = train_step(ref, opt_ref, list(steps[step].split(1)), clip_grad=0.05, documents=packing)
+        p = train_step(
+            par, opt_par, mine(steps[step]), clip_grad=0.05, grad_sync=sync, pipeline=sched, documents=packing
+        )
+        _close(f"step {step} loss", global_loss(p.loss), r.loss)
+        _close(f"step {step} grad norm", p.grad_norm, r.grad_norm)
+    params = full_tensors(par, ctx)
+    ref_params = dict(ref.named_parameters())
+    for name, got in params.items():
+        _close(f"param {name} after 2 steps", got, ref_params[name].detach(), PARAM_RTOL, PARAM_ATOL)
