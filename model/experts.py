@@ -17,11 +17,12 @@ from torch import Tensor, nn
 def _grouped_mm_usable(x: Tensor) -> bool:
     # torch._grouped_mm is fast on Hopper in bf16. On CPU it exists, but its backward rejects broadcast (stride-0)
     # gradients (docs/dependencies.md), so the loop over experts stays the CPU path.
-    return x.is_cuda and hasattr(torch, "_grouped_mm") and _compute_dtype(x) == torch.bfloat16
+    return x.is_cuda and hasattr(torch, "_grouped_mm") and compute_dtype(x) == torch.bfloat16
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype autocast would run a matmul on x in (bf16 under train.dtype=bf16, CUDA or CPU), else x's own."""
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype autocast would run a matmul on x in (bf16 under train.dtype=bf16, CUDA or CPU), else x's own: the
+    experts' compute dtype and the dispatch payload's."""
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
@@ -48,12 +49,12 @@ class FFNExperts(nn.Module):
             return self._grouped(x_AD, tokens_per_expert)
         # Autocast does not reach into a custom autograd node's out= GEMMs: cast here as it would (the casts are
         # differentiable, so the fp32 master weights still get their gradients) and run the node outside it.
-        dtype = _compute_dtype(x_AD)
+        dtype = compute_dtype(x_AD)
         with torch.autocast(x_AD.device.type, enabled=False):
             return LoopedSwiGLU.apply(x_AD.to(dtype), self.w_up.to(dtype), self.w_down.to(dtype), tokens_per_expert)
 
     def _grouped(self, x_AD: Tensor, tokens_per_expert: list[int]) -> Tensor:
-        dtype = _compute_dtype(x_AD)
+        dtype = compute_dtype(x_AD)
         offs = torch.tensor(tokens_per_expert, device=x_AD.device).cumsum(0).to(torch.int32)
         x = x_AD.to(dtype)
         h = torch._grouped_mm(x, self.w_up.to(dtype).transpose(-2, -1), offs=offs)

@@ -12,8 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from model.config import MoEConfig
-from model.dispatch import LocalDispatcher
-from model.experts import ConstantExperts, DenseFFN, FFNExperts
+from model.dispatch import AllToAllBytes, LocalDispatcher
+from model.experts import ConstantExperts, DenseFFN, FFNExperts, compute_dtype
 from model.router import Router
 
 
@@ -24,8 +24,8 @@ class RoutingStats:
     expert_counts_E: Tensor  # kept assignments per expert, expert order [FFN, constant, copy, zero]
     dropped: Tensor  # assignments dropped by the capacity limit
     num_tokens: int
-    bytes_sent: int = 0  # all-to-all bytes this rank sent for dispatch + combine
-    bytes_received: int = 0
+    # What this rank's dispatch and combine all-to-alls moved in the forward (all 0 on a single device).
+    a2a: AllToAllBytes = field(default_factory=AllToAllBytes)
     # Each balance term of this layer, unweighted and detached (summed when micro-batches are merged).
     aux_terms: dict[str, Tensor] = field(default_factory=dict)
 
@@ -68,11 +68,13 @@ class MoELayer(nn.Module):
         order_A = torch.argsort(key_A, stable=True)
         tokens_per_expert = torch.bincount(key_A, minlength=self.num_ffn + 1)[: self.num_ffn]
         token_idx_A = order_A // K
-        dispatched = self.dispatcher.dispatch(x_in, token_idx_A, tokens_per_expert)
+        # The rows travel in the experts' compute dtype (bf16 under bf16 autocast), not the fp32 residual's.
+        dispatched = self.dispatcher.dispatch(x_in, token_idx_A, tokens_per_expert, compute_dtype(x_in))
         y_AD = self.experts(dispatched.x_AD, dispatched.tokens_per_expert)
         y_AD = self.dispatcher.combine(y_AD, dispatched)
         n = y_AD.shape[0]
         # In place: `out` is a fresh sum whose value no backward needs, and a copy of [T, D] per layer is waste.
+        # fp32: each token's expert outputs are weighted and summed in fp32 (and so are the gates' gradients).
         out.index_add_(0, token_idx_A[:n], y_AD.float() * gates_A[order_A[:n], None])
 
         counts = torch.zeros(self.cfg.num_total_experts, dtype=torch.long, device=x_TD.device)
@@ -81,8 +83,7 @@ class MoELayer(nn.Module):
             expert_counts_E=counts.detach(),
             dropped=(T * K - kept_A.sum()).detach(),
             num_tokens=T,
-            bytes_sent=2 * dispatched.bytes_sent,
-            bytes_received=2 * dispatched.bytes_received,
+            a2a=dispatched.traffic,
             aux_terms={k: v.detach() for k, v in route.aux_terms.items()},
         )
         out = out.to(x_TD.dtype)

@@ -66,9 +66,11 @@ def test_all_to_all_bytes_are_the_ffn_share_exactly():
     rows = table_rows(out, "ep=2")
     assert len(rows) == 15
     for r in rows:
-        share, van_mb, pp_mb = float(r[3]), float(r[4]), float(r[5])
-        assert r[6].endswith("(exact)"), r
+        share, van_mb, pp_mb, remote_mb = float(r[3]), float(r[4]), float(r[5]), float(r[7])
+        assert r[9] == "exact", r
         assert pp_mb / van_mb == pytest.approx(share, abs=1e-3)
+        assert 0 < remote_mb < pp_mb  # a rank keeps its own chunk
+        assert r[8] == "0.5000", r  # bf16 payload: half the fp32 bytes per FFN assignment
     assert "15/15 rows" in out
 
 

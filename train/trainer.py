@@ -15,6 +15,7 @@ import yaml
 
 from data.loader import build_data
 from model.config import ConfigError
+from model.dispatch import AllToAllBytes
 from model.moe import RoutingStats
 from model.router import Router
 from model.transformer import Decoder
@@ -65,13 +66,13 @@ def reduce_for_logging(ctx: ParallelContext, values: torch.Tensor, routing: list
         return routing
     ranks = ctx.dims.dp * (ctx.dims.tp if ctx.dims.sp else 1)
     counts = torch.stack([torch.cat([s.expert_counts_E, s.dropped.view(1)]) for s in routing])
-    # A2A bytes are reported per rank: the mean over those ranks.
-    moved = torch.tensor([[s.bytes_sent, s.bytes_received] for s in routing], dtype=torch.float64, device=values.device)
+    # A2A bytes are reported per rank: the mean over those ranks (float64 holds these integers exactly).
+    moved = torch.tensor([dataclasses.astuple(s.a2a) for s in routing], dtype=torch.float64, device=values.device)
     for name in groups:
         dist.all_reduce(counts, group=ctx.group(name))
         dist.all_reduce(moved, group=ctx.group(name))
     return [
-        RoutingStats(c[:-1], c[-1], s.num_tokens * ranks, int(m[0]) // ranks, int(m[1]) // ranks)
+        RoutingStats(c[:-1], c[-1], s.num_tokens * ranks, AllToAllBytes(*(int(b) // ranks for b in m)))
         for c, s, m in zip(counts, routing, moved.tolist(), strict=True)
     ]
 
