@@ -47,7 +47,7 @@ from parallel.expert_parallel import apply_expert_parallel
 class PassThroughExperts(nn.Module):
     """Stands in for FFNExperts: returns its rows, so the benchmark times the dispatcher alone."""
 
-    def forward(self, x_AD: Tensor, tokens_per_expert: list[int]) -> Tensor:
+    def forward(self, x_AD: Tensor, tokens_per_expert: list[int], counts_E: Tensor | None = None) -> Tensor:
         return x_AD
 
 

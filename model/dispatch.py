@@ -53,6 +53,8 @@ class DispatchResult:
     # Rows for the local experts, grouped by local expert (expert 0's rows first), in the payload dtype.
     x_AD: Tensor
     tokens_per_expert: list[int]
+    # The same counts on the device (what a grouped GEMM's offsets are built from without a host copy).
+    counts_E: Tensor | None = None
     # Whatever combine() needs to undo the move; opaque to the layer.
     state: dict = field(default_factory=dict)
     # What the all-to-alls moved; dispatch fills the dispatch fields, combine the combine ones.
@@ -71,7 +73,7 @@ class LocalDispatcher:
         what the gathered rows are cast to."""
         counts = tokens_per_expert_E.tolist()  # host-device sync: the one per layer, sizes the expert groups
         n = sum(counts)
-        return DispatchResult(x_TD[token_idx_A[:n]].to(payload_dtype), counts)
+        return DispatchResult(x_TD[token_idx_A[:n]].to(payload_dtype), counts, tokens_per_expert_E)
 
     def combine(self, y_AD: Tensor, dispatched: DispatchResult) -> Tensor:
         """Expert outputs back in the order of the dispatch input's first rows."""

@@ -66,19 +66,21 @@ class MoELayer(nn.Module):
         # and lands after the FFN ones, where the dispatcher never looks.
         key_A = torch.where((expert_idx_A < self.num_ffn) & kept_A, expert_idx_A, self.num_ffn)
         order_A = torch.argsort(key_A, stable=True)
-        tokens_per_expert = torch.bincount(key_A, minlength=self.num_ffn + 1)[: self.num_ffn]
+        # Kept assignments per expert. scatter_add rather than bincount: CUDA's bincount reads the maximum back to
+        # size its output (a host sync); the dispatcher's read of the FFN part is the layer's only one.
+        counts = torch.zeros(self.cfg.num_total_experts, dtype=torch.long, device=x_TD.device)
+        counts.scatter_add_(0, expert_idx_A, kept_A.long())
+        tokens_per_expert = counts[: self.num_ffn]
         token_idx_A = order_A // K
         # The rows travel in the experts' compute dtype (bf16 under bf16 autocast), not the fp32 residual's.
         dispatched = self.dispatcher.dispatch(x_in, token_idx_A, tokens_per_expert, compute_dtype(x_in))
-        y_AD = self.experts(dispatched.x_AD, dispatched.tokens_per_expert)
+        y_AD = self.experts(dispatched.x_AD, dispatched.tokens_per_expert, dispatched.counts_E)
         y_AD = self.dispatcher.combine(y_AD, dispatched)
         n = y_AD.shape[0]
         # In place: `out` is a fresh sum whose value no backward needs, and a copy of [T, D] per layer is waste.
         # fp32: each token's expert outputs are weighted and summed in fp32 (and so are the gates' gradients).
         out.index_add_(0, token_idx_A[:n], y_AD.float() * gates_A[order_A[:n], None])
 
-        counts = torch.zeros(self.cfg.num_total_experts, dtype=torch.long, device=x_TD.device)
-        counts.scatter_add_(0, expert_idx_A, kept_A.long())
         stats = RoutingStats(
             expert_counts_E=counts.detach(),
             dropped=(T * K - kept_A.sum()).detach(),

@@ -62,6 +62,7 @@ class AllToAllDispatcher:
         return DispatchResult(
             x_recv[by_expert],
             tokens_per_local,
+            recv_counts.view(ep, L).sum(0),
             state={"back": back, "send_splits": send_splits, "recv_splits": recv_splits},
             traffic=traffic,
         )

@@ -40,6 +40,10 @@ def test_bf16_all_to_all_payload_forward_and_backward():
     run_world(workers.bf16_payload, 2)
 
 
+def test_one_host_sync_per_moe_layer_under_ep2():
+    run_world(workers.host_syncs, 2)
+
+
 def test_rank_and_experts_receiving_no_tokens():
     run_world(workers.empty_rank, 2)
 

@@ -436,3 +436,29 @@ def router_family(rank: int, world: int, tp: int, ep: int, sp: bool, variant: st
     for r, p in zip(ref_routers, par_routers, strict=True):
         assert r.expert_bias_E.abs().sum() > 0
         assert torch.equal(p.expert_bias_E, r.expert_bias_E), (p.expert_bias_E, r.expert_bias_E)
+
+
+def host_syncs(rank: int, world: int) -> None:
+    """One training step under expert parallelism reads the device from the host exactly once per MoE layer and
+    micro-batch (the all-to-all split sizes) plus once per step (the finite-gradient check), forward and backward,
+    dropless and with capacity."""
+    from tests.host_syncs import HostSyncCounter
+
+    ctx = init_parallel(ParallelConfig(ep=world), "cpu")
+    for capacity in (None, 0.8):
+        mcfg, moecfg = tiny_model_configs(capacity=capacity)
+        torch.manual_seed(0)
+        model = parallelize(Decoder(mcfg, moecfg), ctx)
+        opt = build_optimizer(model, OptimConfig(lr=1e-2))
+        sync = GradSync(model, ctx)
+        batch = torch.randint(0, mcfg.vocab_size, (4, 13), generator=torch.Generator().manual_seed(rank))
+        micro = list(batch.split(2))
+        train_step(model, opt, micro, 1.0, grad_sync=sync)  # warm-up: first-call work is not the steady state
+        with HostSyncCounter() as syncs:
+            train_step(model, opt, micro, 1.0, grad_sync=sync)
+        moe_layers = sum(moecfg.is_moe_layer(i) for i in range(mcfg.num_layers))
+        expected = {
+            "tolist @ parallel/expert_parallel.py": moe_layers * len(micro),
+            "_local_scalar_dense @ train/step.py": 1,
+        }
+        assert syncs.by_file() == expected, dict(syncs.where)
