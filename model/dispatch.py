@@ -4,6 +4,11 @@
 computed by the layer itself and never reach a dispatcher. `parallel/expert_parallel.py` provides a drop-in
 all-to-all version with the same two methods.
 
+Both methods return `Pending` tensors: an asynchronous dispatcher starts moving the rows and returns at once, and
+`wait()` blocks until they have arrived. The layer computes what needs no other rank (zero-computation and shared
+experts) between a call and its `wait()`, so under expert parallelism that work overlaps the transfer, forward and
+backward; on one device the tensors are ready and nothing changes.
+
 Payload precision: a dispatcher gathers the rows from `x_TD` in its own dtype (the fp32 residual stream's norm)
 and casts the gathered rows to the layer's compute dtype (bf16 under bf16 autocast) before they move, so the
 wire carries the compute dtype in both directions and in the backward. The gradient of `x_TD` is still
@@ -12,6 +17,7 @@ accumulated over a token's assignments in `x_TD`'s dtype (the gather's backward 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import astuple, dataclass, field
 
 import torch
@@ -48,10 +54,31 @@ class AllToAllBytes:
         return self.dispatch_received + self.combine_received
 
 
+class Pending:
+    """A tensor a dispatcher may still be moving. `wait()` returns it, blocking only until it has arrived (at once
+    for a tensor that is already there); the first call does the work, later calls return the same tensor."""
+
+    def __init__(self, wait: Callable[[], Tensor]) -> None:
+        self._wait: Callable[[], Tensor] | None = wait
+        self._value: Tensor | None = None
+
+    @classmethod
+    def ready(cls, value: Tensor) -> Pending:
+        pending = cls(lambda: value)
+        pending.wait()
+        return pending
+
+    def wait(self) -> Tensor:
+        if self._wait is not None:
+            self._value, self._wait = self._wait(), None
+        assert self._value is not None
+        return self._value
+
+
 @dataclass
 class DispatchResult:
     # Rows for the local experts, grouped by local expert (expert 0's rows first), in the payload dtype.
-    x_AD: Tensor
+    x_AD: Pending
     tokens_per_expert: list[int]
     # The same counts on the device (what a grouped GEMM's offsets are built from without a host copy).
     counts_E: Tensor | None = None
@@ -73,8 +100,8 @@ class LocalDispatcher:
         what the gathered rows are cast to."""
         counts = tokens_per_expert_E.tolist()  # host-device sync: the one per layer, sizes the expert groups
         n = sum(counts)
-        return DispatchResult(x_TD[token_idx_A[:n]].to(payload_dtype), counts, tokens_per_expert_E)
+        return DispatchResult(Pending.ready(x_TD[token_idx_A[:n]].to(payload_dtype)), counts, tokens_per_expert_E)
 
-    def combine(self, y_AD: Tensor, dispatched: DispatchResult) -> Tensor:
+    def combine(self, y_AD: Tensor, dispatched: DispatchResult) -> Pending:
         """Expert outputs back in the order of the dispatch input's first rows."""
-        return y_AD
+        return Pending.ready(y_AD)

@@ -1,5 +1,7 @@
 """The MoE++ layer: route -> dispatcher.dispatch -> FFN experts -> dispatcher.combine, plus the zero-computation
-experts computed right here so they can never enter a dispatcher (and so never an all-to-all).
+experts computed right here so they can never enter a dispatcher (and so never an all-to-all). They are computed
+while the dispatch is pending and the shared experts while the combine is: under expert parallelism that work
+overlaps the all-to-alls (model/dispatch.py); the layer itself knows nothing of ranks.
 
 With zero zero-computation experts and no gating residual this is a plain top-k MoE.
 """
@@ -57,7 +59,6 @@ class MoELayer(nn.Module):
         # Never in place: x_TD needs its gradient.
         x_in = x_TD * K if self.cfg.scale_input_by_topk else x_TD
 
-        out = self.zero_computation_output(x_in, route.expert_idx_TK, route.gates_TK)
         expert_idx_A = route.expert_idx_TK.reshape(-1)
         gates_A = route.gates_TK.reshape(-1)
         kept_A = route.kept_TK.reshape(-1)
@@ -74,8 +75,14 @@ class MoELayer(nn.Module):
         token_idx_A = order_A // K
         # The rows travel in the experts' compute dtype (bf16 under bf16 autocast), not the fp32 residual's.
         dispatched = self.dispatcher.dispatch(x_in, token_idx_A, tokens_per_expert, compute_dtype(x_in))
-        y_AD = self.experts(dispatched.x_AD, dispatched.tokens_per_expert, dispatched.counts_E)
-        y_AD = self.dispatcher.combine(y_AD, dispatched)
+        # Needs no other rank, so it runs while an asynchronous dispatcher moves the rows (and, in the backward,
+        # their gradients): the overlap only zero-computation experts give.
+        out = self.zero_computation_output(x_in, route.expert_idx_TK, route.gates_TK)
+        y_AD = self.experts(dispatched.x_AD.wait(), dispatched.tokens_per_expert, dispatched.counts_E)
+        coming_home = self.dispatcher.combine(y_AD, dispatched)
+        # Likewise while the expert outputs travel home.
+        shared = self.shared(x_TD) if self.shared is not None else None
+        y_AD = coming_home.wait()
         n = y_AD.shape[0]
         # In place: `out` is a fresh sum whose value no backward needs, and a copy of [T, D] per layer is waste.
         # fp32: each token's expert outputs are weighted and summed in fp32 (and so are the gates' gradients).
@@ -89,8 +96,8 @@ class MoELayer(nn.Module):
             aux_terms={k: v.detach() for k, v in route.aux_terms.items()},
         )
         out = out.to(x_TD.dtype)
-        if self.shared is not None:
-            out = out + self.shared(x_TD)
+        if shared is not None:
+            out = out + shared
         return out, route.logits_TE, route.aux_loss, stats
 
     def zero_computation_output(self, x_TD: Tensor, expert_idx_TK: Tensor, gates_TK: Tensor) -> Tensor:

@@ -11,19 +11,23 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 from torch import Tensor, nn
 
-from model.dispatch import AllToAllBytes, DispatchResult
+from model.dispatch import AllToAllBytes, DispatchResult, Pending
 from model.moe import MoELayer
+from parallel.async_all_to_all import AsyncAllToAll
 
 
 class AllToAllDispatcher:
-    def __init__(self, group: dist.ProcessGroup, num_experts: int) -> None:
+    """overlap: launch both all-to-alls asynchronously and return pending tensors (the layer's local work runs while
+    the rows move, forward and backward); False waits at once, the serial reference for benchmarks."""
+
+    def __init__(self, group: dist.ProcessGroup, num_experts: int, overlap: bool = True) -> None:
         self.group = group
         self.ep_size = dist.get_world_size(group)
         self.ep_rank = dist.get_rank(group)
         self.num_local = num_experts // self.ep_size
+        self.overlap = overlap
 
     def dispatch(
         self, x_TD: Tensor, token_idx_A: Tensor, tokens_per_expert_E: Tensor, payload_dtype: torch.dtype
@@ -42,8 +46,9 @@ class AllToAllDispatcher:
         # Gathered in x_TD's dtype, then cast: the wire carries the compute dtype, and the gather's backward
         # still sums a token's assignment gradients in fp32.
         x_send = x_TD[token_idx_A[:n_send]].to(payload_dtype)
-        x_recv = funcol.all_to_all_single_autograd(x_send, recv_splits, send_splits, group=self.group)
-        # Received rows are grouped by (source rank, local expert); experts want them grouped by local expert.
+        flight = AsyncAllToAll(x_send, recv_splits, send_splits, self.group, self.overlap)
+        # While the rows move: received rows are grouped by (source rank, local expert); experts want them grouped
+        # by local expert.
         local_expert = torch.arange(ep * L, device=x_TD.device) % L
         row_expert = torch.repeat_interleave(local_expert, recv_counts, output_size=n_recv)
         by_expert = torch.argsort(row_expert, stable=True)
@@ -59,15 +64,18 @@ class AllToAllDispatcher:
             dispatch_sent_remote=(n_send - send_splits[me]) * row_bytes,
             dispatch_received_remote=(n_recv - recv_splits[me]) * row_bytes,
         )
+        rows = Pending(lambda: flight.wait()[by_expert])
+        if not self.overlap:
+            rows.wait()
         return DispatchResult(
-            x_recv[by_expert],
+            rows,
             tokens_per_local,
             recv_counts.view(ep, L).sum(0),
             state={"back": back, "send_splits": send_splits, "recv_splits": recv_splits},
             traffic=traffic,
         )
 
-    def combine(self, y_AD: Tensor, dispatched: DispatchResult) -> Tensor:
+    def combine(self, y_AD: Tensor, dispatched: DispatchResult) -> Pending:
         """The expert outputs (in their own dtype: the compute dtype) go home by the reverse all-to-all."""
         s, t = dispatched.state, dispatched.traffic
         row_bytes = y_AD.shape[1] * y_AD.element_size()
@@ -75,7 +83,11 @@ class AllToAllDispatcher:
         n_out, n_home = sum(s["recv_splits"]), sum(s["send_splits"])
         t.combine_sent, t.combine_received = n_out * row_bytes, n_home * row_bytes
         t.combine_sent_remote, t.combine_received_remote = (n_out - mine) * row_bytes, (n_home - mine) * row_bytes
-        return funcol.all_to_all_single_autograd(y_AD[s["back"]], s["send_splits"], s["recv_splits"], group=self.group)
+        flight = AsyncAllToAll(y_AD[s["back"]], s["send_splits"], s["recv_splits"], self.group, self.overlap)
+        home = Pending(flight.wait)
+        if not self.overlap:
+            home.wait()
+        return home
 
 
 def apply_expert_parallel(model: nn.Module, group: dist.ProcessGroup) -> None:

@@ -74,6 +74,16 @@ def test_all_to_all_bytes_are_the_ffn_share_exactly():
     assert "15/15 rows" in out
 
 
+def test_all_to_all_overlap_reports_both_layers():
+    out = run_bench("all_to_all.py", "--overlap", "--tokens", "64", "--repeats", "1", "--ep", "2")
+    rows = table_rows(out, "ep=2")
+    assert [r[1] for r in rows] == ["(8+4)", "(8+4) + shared"]
+    for r in rows:
+        serial, overlapped, local = float(r[2]), float(r[3]), float(r[5])
+        assert serial > 0 and overlapped > 0 and local > 0
+        float(r[6])  # the hidden share is a number (its value is a timing)
+
+
 def test_peers_names_every_implementation():
     out = run_bench("peers.py", "--tokens", "64", "--repeats", "1")
     for n in ("8", "16", "32"):

@@ -20,7 +20,7 @@ class RecordingDispatcher(LocalDispatcher):
 
     def dispatch(self, x_TD, token_idx_A, tokens_per_expert_E, payload_dtype):
         result = super().dispatch(x_TD, token_idx_A, tokens_per_expert_E, payload_dtype)
-        self.calls.append((result.x_AD.shape[0], list(result.tokens_per_expert)))
+        self.calls.append((result.x_AD.wait().shape[0], list(result.tokens_per_expert)))
         return result
 
 
@@ -376,7 +376,7 @@ def test_dispatched_rows_are_in_the_compute_dtype_and_gradients_stay_fp32():
     class Spy(LocalDispatcher):
         def dispatch(self, x_TD, token_idx_A, tokens_per_expert_E, payload_dtype):
             result = super().dispatch(x_TD, token_idx_A, tokens_per_expert_E, payload_dtype)
-            payloads.append(result.x_AD.dtype)
+            payloads.append(result.x_AD.wait().dtype)
             return result
 
     layer.dispatcher = Spy()

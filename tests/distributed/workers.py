@@ -462,3 +462,106 @@ def host_syncs(rank: int, world: int) -> None:
             "_local_scalar_dense @ train/step.py": 1,
         }
         assert syncs.by_file() == expected, dict(syncs.where)
+
+
+class _Mark(torch.autograd.Function):
+    """Identity that notes when autograd reaches it in the backward."""
+
+    @staticmethod
+    def forward(ctx, x, events, name):
+        ctx.events, ctx.name = events, name
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.events.append(ctx.name)
+        return grad, None, None
+
+
+def overlap_order(rank: int, world: int) -> None:
+    """Under expert parallelism the zero-computation experts run while the dispatch all-to-all is in flight and the
+    shared experts while the combine is, in the forward, and their backward while the gradients' all-to-alls are;
+    overlap=False serialises. Output and gradients are the same either way."""
+    from model.moe import MoELayer
+    from parallel import async_all_to_all
+    from parallel.expert_parallel import apply_expert_parallel
+
+    ctx = init_parallel(ParallelConfig(ep=world), "cpu")
+    _, moecfg = tiny_model_configs()
+    moecfg.shared_experts = 1
+    events: list[str] = []
+    names: dict[int, str] = {}
+    flight_cls = async_all_to_all.AsyncAllToAll
+
+    def spy(method, what):
+        def run(self, *args):
+            # The first all-to-all of a forward is the dispatch, the second the combine.
+            names.setdefault(id(self), "dispatch" if len(names) % 2 == 0 else "combine")
+            events.append(f"{what} {names[id(self)]}")
+            return method(self, *args)
+
+        return run
+
+    originals = {m: getattr(flight_cls, m) for m in ("start", "finish", "start_grad", "finish_grad")}
+    labels = {"start": "launch", "finish": "wait", "start_grad": "launch grad", "finish_grad": "wait grad"}
+    for m, f in originals.items():
+        setattr(flight_cls, m, spy(f, labels[m]))
+    results = {}
+    try:
+        for overlap in (True, False):
+            torch.manual_seed(0)
+            layer = MoELayer(32, moecfg, ffn_hidden_size=16, has_residual=False)
+            apply_expert_parallel(layer, ctx.group("ep"))
+            layer.dispatcher.overlap = overlap
+            zc = layer.zero_computation_output
+
+            def zc_marked(*args, zc=zc):
+                events.append("zero-computation")
+                return _Mark.apply(zc(*args), events, "zero-computation backward")
+
+            layer.zero_computation_output = zc_marked
+
+            def shared_marked(module, inputs, output):
+                events.append("shared")
+                return _Mark.apply(output, events, "shared backward")
+
+            layer.shared.register_forward_hook(shared_marked)
+            x = torch.randn(10, 32, generator=torch.Generator().manual_seed(rank), requires_grad=True)
+            events.clear()
+            names.clear()
+            out = layer(x, None)[0]
+            forward = list(events)
+            events.clear()
+            out.square().sum().backward()
+            results[overlap] = (forward, list(events), out.detach(), x.grad, layer.experts.w_up.grad)
+    finally:
+        for m, f in originals.items():
+            setattr(flight_cls, m, f)
+    forward, backward = results[True][:2]
+    assert forward == [
+        "launch dispatch",
+        "zero-computation",
+        "wait dispatch",
+        "launch combine",
+        "shared",
+        "wait combine",
+    ], forward
+    assert backward == [
+        "launch grad combine",
+        "shared backward",
+        "wait grad combine",
+        "launch grad dispatch",
+        "zero-computation backward",
+        "wait grad dispatch",
+    ], backward
+    forward, backward = results[False][:2]
+    assert forward == [
+        "launch dispatch",
+        "wait dispatch",
+        "zero-computation",
+        "launch combine",
+        "wait combine",
+        "shared",
+    ], forward
+    for got, want in zip(results[True][2:], results[False][2:], strict=True):
+        assert torch.equal(got, want)
