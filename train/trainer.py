@@ -25,6 +25,7 @@ from parallel.mesh import ParallelContext, init_parallel
 from train.checkpoint import Checkpointer, check_compatible, latest_checkpoint, load_training_state, read_meta
 from train.config import Config
 from train.evaluate import evaluate, evaluate_pipeline
+from train.flops import device_peak_tflops, flops_per_token, tflops_per_device
 from train.metrics import MetricsLogger, format_duration, routing_summary
 from train.optim import build_optimizer, lr_at, set_lr
 from train.signals import ShutdownRequest
@@ -270,6 +271,13 @@ def log_step(
     if "ffn_per_token" in summary:
         record["ffn_per_token"] = summary["ffn_per_token"]
         record["share_zero_computation"] = summary["share_zero_computation"]
+    # Model FLOPs with each MoE layer's FFN experts per token as this step routed them (MoE++ computes fewer).
+    flops = flops_per_token(
+        cfg.model, cfg.moe, cfg.data.seq_len, [x["ffn_per_token"] for x in summary["layers"]] or None
+    )
+    record["tflops"] = tflops_per_device(flops, tokens_per_s, ctx.dims.world_size)
+    if (peak := device_peak_tflops(ctx.device, cfg.logging.peak_tflops)) is not None:
+        record["mfu"] = record["tflops"] / peak
     record["eta_s"] = logger.eta(step)
     record["routing"] = summary["layers"]
     return record
@@ -314,6 +322,10 @@ def format_line(r: dict[str, Any], max_steps: int, floor: float | None) -> str:
     if floor is not None:
         parts.append(f"(floor {floor:.3f})")
     parts += [f"lr {r['lr']:.2e}", f"tok/s {r['tokens_per_s']:,.0f}"]
+    if "tflops" in r:
+        parts.append(f"TFLOP/s {r['tflops']:.3g}")
+    if "mfu" in r:
+        parts.append(f"MFU {r['mfu']:.1%}")
     if "ffn_per_token" in r:
         parts.append(f"ffn/tok {r['ffn_per_token']:.2f}")
     if "val_loss" in r:
