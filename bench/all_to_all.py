@@ -3,13 +3,16 @@ shapes (hidden 768; (8+4), (16+4), (32+8)) and tau in {0.1, 0.25, 0.5, 0.75, 1.0
 processes on CPU; NCCL on a GPU machine). Prints a table and writes the "All-to-all" section of docs/benchmarks.md.
 
     python bench/all_to_all.py [--tokens 16800] [--repeats 9] [--ep 2 4] [--default-malloc]
+    python bench/all_to_all.py --overlap [--tokens 4200] [--repeats 9] [--ep 2 4]   (bench/a2a_overlap.py)
 
 Each rank routes its own tokens with controlled routing (bench/routing.py: FFN share = tau N_ffn/(tau N_ffn + N_zc)
 exactly, spread evenly over experts). The layer's FFN experts are replaced by a pass-through so that only the
 dispatcher is exercised; dispatch and combine are each timed after a barrier (so a rank never times another's
-lateness), bytes come from the layer's RoutingStats (rows handed to the collectives, dispatch + combine). Workers
-keep freed host memory for reuse as a caching allocator does (bench/allocator.py), unless --default-malloc.
-Targets: bytes ratio MoE++/vanilla = FFN share exactly; time ratio within 10% of it.
+lateness), bytes come from the layer's RoutingStats (rows handed to the collectives, dispatch + combine, fp32; the
+MoE++ layer is also run once under bf16 autocast for its bytes). Workers keep freed host memory for reuse as a
+caching allocator does (bench/allocator.py), unless --default-malloc.
+Targets: bytes ratio MoE++/vanilla = FFN share exactly; bf16 bytes per FFN assignment = 0.5 x fp32 exactly; time
+ratio within 10% of the FFN share.
 """
 
 from __future__ import annotations
@@ -34,10 +37,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor, nn
 
+from bench import a2a_overlap
 from bench.allocator import describe, reuse_freed_memory
 from bench.report import markdown_table, write_section
 from bench.routing import SHAPES, TAUS, balanced_assignments, build_pair, control, ffn_share
-from model.dispatch import DispatchResult
+from model.dispatch import AllToAllBytes, DispatchResult, Pending
 from model.moe import MoELayer
 from parallel.expert_parallel import apply_expert_parallel
 
@@ -45,28 +49,32 @@ from parallel.expert_parallel import apply_expert_parallel
 class PassThroughExperts(nn.Module):
     """Stands in for FFNExperts: returns its rows, so the benchmark times the dispatcher alone."""
 
-    def forward(self, x_AD: Tensor, tokens_per_expert: list[int]) -> Tensor:
+    def forward(self, x_AD: Tensor, tokens_per_expert: list[int], counts_E: Tensor | None = None) -> Tensor:
         return x_AD
 
 
 class TimedDispatcher:
-    """Wraps a dispatcher; times dispatch and combine, each after a barrier."""
+    """Wraps a dispatcher; times dispatch and combine, each after a barrier and until its rows have arrived."""
 
     def __init__(self, inner) -> None:
         self.inner = inner
         self.seconds = 0.0
 
-    def dispatch(self, x_TD: Tensor, token_idx_A: Tensor, tokens_per_expert_E: Tensor) -> DispatchResult:
+    def dispatch(
+        self, x_TD: Tensor, token_idx_A: Tensor, tokens_per_expert_E: Tensor, payload_dtype: torch.dtype
+    ) -> DispatchResult:
         dist.barrier()
         t = time.perf_counter()
-        out = self.inner.dispatch(x_TD, token_idx_A, tokens_per_expert_E)
+        out = self.inner.dispatch(x_TD, token_idx_A, tokens_per_expert_E, payload_dtype)
+        out.x_AD.wait()
         self.seconds += time.perf_counter() - t
         return out
 
-    def combine(self, y_AD: Tensor, dispatched: DispatchResult) -> Tensor:
+    def combine(self, y_AD: Tensor, dispatched: DispatchResult) -> Pending:
         dist.barrier()
         t = time.perf_counter()
         out = self.inner.combine(y_AD, dispatched)
+        out.wait()
         self.seconds += time.perf_counter() - t
         return out
 
@@ -79,12 +87,16 @@ def prepare(layer: MoELayer) -> TimedDispatcher:
 
 
 @torch.no_grad()
-def measure_once(layer: MoELayer, x: Tensor, prev: Tensor | None) -> tuple[float, int, int, int]:
-    """(dispatch+combine ms on this rank, its FFN assignments, all its assignments, bytes it moved)."""
+def measure_once(
+    layer: MoELayer, x: Tensor, prev: Tensor | None, bf16: bool = False
+) -> tuple[float, int, int, AllToAllBytes]:
+    """(dispatch+combine ms on this rank, its FFN assignments, all its assignments, what its all-to-alls moved);
+    bf16: under bf16 autocast (the payload travels in bf16)."""
     layer.dispatcher.seconds = 0.0
-    _, _, _, stats = layer(x, prev)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        _, _, _, stats = layer(x, prev)
     counts = stats.expert_counts_E
-    return layer.dispatcher.seconds * 1e3, int(counts[: layer.num_ffn].sum()), int(counts.sum()), stats.bytes_sent
+    return layer.dispatcher.seconds * 1e3, int(counts[: layer.num_ffn].sum()), int(counts.sum()), stats.a2a
 
 
 def worker(rank: int, world: int, port: int, tokens: int, repeats: int, reuse: bool, out_path: str) -> None:
@@ -120,20 +132,22 @@ def worker(rank: int, world: int, port: int, tokens: int, repeats: int, reuse: b
                 measure_once(pair.vanilla, x, None)  # warm-up
                 measure_once(pair.moepp, x, prev)
                 for _ in range(repeats):
-                    ms, _, _, van_bytes = measure_once(pair.vanilla, x, None)
+                    ms, _, _, van_a2a = measure_once(pair.vanilla, x, None)
                     van_runs.append(ms)
-                    ms, ffn, total, pp_bytes = measure_once(pair.moepp, x, prev)
+                    ms, ffn, total, pp_a2a = measure_once(pair.moepp, x, prev)
                     pp_runs.append(ms)
                 ratio = statistics.median(p / v for p, v in zip(pp_runs, van_runs, strict=True))
+                bf16_a2a = measure_once(pair.moepp, x, prev, bf16=True)[3]
+                pp_remote = pp_a2a.dispatch_sent_remote + pp_a2a.combine_sent_remote
                 # Every rank's numbers (float64 holds these integers exactly), averaged on rank 0.
-                mine = torch.tensor(
-                    [min(van_runs), min(pp_runs), van_bytes, pp_bytes, ffn, total, ratio], dtype=torch.float64
-                )
+                numbers = [min(van_runs), min(pp_runs), van_a2a.sent, pp_a2a.sent, ffn, total, ratio]
+                mine = torch.tensor([*numbers, pp_remote, bf16_a2a.sent], dtype=torch.float64)
                 gathered = [torch.zeros_like(mine) for _ in range(world)]
                 dist.all_gather(gathered, mine)
                 mean = torch.stack(gathered).mean(0).tolist()
                 results.append({"shape": name, "tau": tau, "target": target, "ranks": [g.tolist() for g in gathered]})
-                keys = ("van_ms", "pp_ms", "van_bytes", "pp_bytes", "ffn", "total", "time_ratio")
+                keys = ("van_ms", "pp_ms", "van_bytes", "pp_bytes", "ffn", "total", "time_ratio", "pp_remote")
+                keys += ("pp_bf16_bytes",)
                 results[-1].update(zip(keys, mean, strict=True))
                 results[-1]["share"] = results[-1]["ffn"] / results[-1]["total"]
                 if rank == 0:
@@ -174,8 +188,9 @@ def table_rows(world: int, results: list[dict]) -> tuple[list[list[str]], list[f
         bytes_ratio, time_ratio = r["pp_bytes"] / r["van_bytes"], r["time_ratio"]
         # Exact, in integers, over the whole ep group: MoE++ bytes x assignments = vanilla bytes x FFN assignments.
         # (Per rank it is only close: a rank receives what the other ranks route to its experts.)
-        van_b, pp_b, ffn, total = (sum(int(g[i]) for g in r["ranks"]) for i in (2, 3, 4, 5))
-        is_exact = pp_b * total == van_b * ffn
+        van_b, pp_b, ffn, total, pp_bf16 = (sum(int(g[i]) for g in r["ranks"]) for i in (2, 3, 4, 5, 8))
+        # bf16 bytes per FFN assignment = half the fp32 ones (same routing, so the same FFN assignments).
+        is_exact = pp_b * total == van_b * ffn and 2 * pp_bf16 == pp_b
         exact.append(is_exact)
         time_errors.append(time_ratio / r["share"] - 1)
         rows.append(
@@ -186,7 +201,10 @@ def table_rows(world: int, results: list[dict]) -> tuple[list[list[str]], list[f
                 f"{r['share']:.4f}",
                 f"{r['van_bytes'] / 1e6:.2f}",
                 f"{r['pp_bytes'] / 1e6:.2f}",
-                f"{bytes_ratio:.4f}" + (" (exact)" if is_exact else " (NOT exact)"),
+                f"{bytes_ratio:.4f}",
+                f"{r['pp_remote'] / 1e6:.2f}",
+                f"{pp_bf16 / pp_b:.4f}",
+                "exact" if is_exact else "NOT exact",
                 f"{r['van_ms']:.1f}",
                 f"{r['pp_ms']:.1f}",
                 f"{time_ratio:.3f} ({time_errors[-1]:+.0%})",
@@ -200,7 +218,12 @@ def main() -> None:
     # 16800 tokens x top-2 = 33600 assignments: every FFN share of the sweep (sixths, sevenths, fifths, quarters,
     # thirds) is a whole number of assignments; about the paper's tokens per step (8 x 2048), where the per-call fixed
     # cost (the count exchange and the host sync that sizes the splits) weighs less on small shares than at 4200.
-    parser.add_argument("--tokens", type=int, default=16800, help="tokens per rank")
+    parser.add_argument("--tokens", type=int, default=None, help="tokens per rank (16800; 4200 with --overlap)")
+    parser.add_argument(
+        "--overlap",
+        action="store_true",
+        help="layer forward + backward with the all-to-alls overlapped vs serial, and the local work hidden",
+    )
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--ep", type=int, nargs="+", default=[2, 4])
     parser.add_argument(
@@ -208,6 +231,10 @@ def main() -> None:
     )
     parser.add_argument("--no-write", action="store_true", help="print only, leave docs/benchmarks.md alone")
     args = parser.parse_args()
+    if args.overlap:
+        overlap_main(args)
+        return
+    args.tokens = args.tokens or 16800
     rows, errors, exact, fixed, reused = [], [], [], [], True
     for world in args.ep:
         res = run_ep(world, args.tokens, args.repeats, not args.default_malloc)
@@ -228,6 +255,9 @@ def main() -> None:
         "vanilla MB",
         "MoE++ MB",
         "bytes ratio",
+        "MoE++ remote MB",
+        "bf16 / fp32 bytes",
+        "ratios",
         "vanilla ms",
         "MoE++ ms",
         "time ratio (vs share)",
@@ -245,15 +275,18 @@ def main() -> None:
         f"`python bench/all_to_all.py{extra}` on {machine}, {datetime.date.today()}: gloo, one process per ep rank "
         f"(1 thread each) on one machine, {args.tokens} tokens per rank, hidden 768 fp32 (3,072 bytes per row), "
         f"top-2, {args.repeats} alternating vanilla/MoE++ pairs per cell, {describe(reused)}. MB = "
-        "bytes each rank hands to the collectives for dispatch + combine (its own chunk included), mean over "
-        "ranks; ms = dispatch + combine on a rank, fastest run, mean over ranks; time ratio = median over the "
-        "pairs of MoE++ ms / vanilla ms (the two runs of a pair are back to back, so a slow patch of the shared "
-        "machine hits both), mean over ranks. "
+        "bytes each rank hands to the collectives in one forward, dispatch + combine (its own chunk included; the "
+        "backward moves as much again), mean over ranks; remote MB = the part of it for other ranks; bf16 / fp32 "
+        "bytes = the MoE++ layer's bytes per FFN assignment under bf16 autocast over those in fp32 (same routing); "
+        "ratios = whether bytes ratio x assignments = FFN assignments and bf16 bytes x 2 = fp32 bytes hold exactly "
+        "in integers summed over the ep group; ms = dispatch + combine on a rank, fastest run, mean over ranks; "
+        "time ratio = median over the pairs of MoE++ ms / vanilla ms (the two runs of a pair are back to back, so "
+        "a slow patch of the shared machine hits both), mean over ranks. "
         "**CPU timings on a 2-core machine shared with other work: indicative only.** NCCL numbers are pending "
-        "(no GPU in this session).\n\n"
+        "(they need a machine with at least 2 GPUs).\n\n"
         f"{markdown_table(headers, rows)}\n\n"
-        f"Bytes ratio equal to the FFN share of assignments exactly (integers, summed over the ep group): "
-        f"{sum(exact)}/{len(exact)} rows. Time ratio within 10% "
+        f"Bytes ratio equal to the FFN share of assignments and bf16 bytes equal to half the fp32 bytes, exactly "
+        f"(integers, summed over the ep group): {sum(exact)}/{len(exact)} rows. Time ratio within 10% "
         f"of the FFN share: {within}/{len(errors)} rows; deviations range {min(errors):+.0%} to {max(errors):+.0%} "
         f"(mean {sum(errors) / len(errors):+.0%}). Dispatch + combine of the (8+4) MoE++ layer with no FFN "
         f"assignment at all (every assignment on a zero-computation expert; median): {', '.join(fixed)}: the count "
@@ -264,11 +297,38 @@ def main() -> None:
         "mapped and page-faulted afresh on every call, which pushes ratios the other way, below the share: "
         "22/30 rows within 10%, deviations -33% .. +8% in a run with glibc's defaults on 2026-11-22 (16384 tokens "
         "per rank, 9 pairs). The byte counts are the exact result; NCCL times need a machine with at least 2 "
-        "GPUs (the lent GPU machines have one; NCCL refuses two ranks on one GPU): pending.\n"
+        "GPUs (NCCL refuses two ranks on one GPU): pending.\n"
     )
     print(body)
     if not args.no_write:
         write_section("All-to-all (expert parallel dispatch + combine, CPU gloo)", body)
+
+
+def overlap_main(args: argparse.Namespace) -> None:
+    tokens = args.tokens or 4200
+    rows = []
+    for world in args.ep:
+        rows += a2a_overlap.table_rows(world, a2a_overlap.run_ep(world, tokens, args.repeats, not args.default_malloc))
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), torch {torch.__version__}"
+    extra = "".join([f" --tokens {tokens}" * (tokens != 4200), f" --repeats {args.repeats}" * (args.repeats != 9)])
+    body = (
+        f"`python bench/all_to_all.py --overlap{extra}` on {machine}, {datetime.date.today()}: gloo, one process per "
+        f"ep rank (1 thread each), {tokens} tokens per rank, hidden 768 fp32, top-2, tau {a2a_overlap.TAU}, FFN "
+        "experts a pass-through (the layer is routing, the two all-to-alls and the local experts), "
+        f"{args.repeats} alternating pairs. serial = forward + backward with every all-to-all waited for at once "
+        "(`AllToAllDispatcher(overlap=False)`); overlapped = the default, where the zero-computation experts run "
+        "while the dispatch (and its gradient) is in flight and the shared expert while the combine (and its "
+        "gradient) is; ms: fastest run, mean over ranks; overlapped / serial: median over the pairs. local experts "
+        "ms = their forward + backward alone on the same tokens (median); hidden = median over the pairs of "
+        "(serial - overlapped), over local: the share of that work taken off the layer's time (1 = all of it; at "
+        "most what the transfers last). The shared expert is one fine-grained "
+        "expert wide (512). **CPU: gloo moves the rows on its own thread, which competes with the compute for "
+        "the 2 shared cores, so this is a lower bound of what NCCL's separate stream gives; indicative only.**\n\n"
+        f"{markdown_table(a2a_overlap.HEADERS, rows)}\n"
+    )
+    print(body)
+    if not args.no_write:
+        write_section("All-to-all overlap (local experts during the transfers, CPU gloo)", body)
 
 
 if __name__ == "__main__":

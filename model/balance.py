@@ -43,11 +43,10 @@ def locality_loss(P_E: Tensor, local_mask_E: Tensor, eps: float = 1e-2) -> Tenso
     """ETR locality: KL(P || U_local), U_local uniform over the experts on this node with a small eps of mass on
     the others (a KL against a distribution with zeros would be infinite)."""
     E = P_E.numel()
-    m = int(local_mask_E.sum())
-    if m == E:
-        u = torch.full_like(P_E, 1.0 / E)
-    else:
-        u = torch.where(local_mask_E, (1 - eps) / m, eps / (E - m)).to(P_E.dtype)
+    # On the device (no host read of m): every expert local gives the uniform 1/E; float64 as Python would.
+    m = local_mask_E.sum().double().clamp_min(1)
+    local_mass = 1 - eps * (m < E)
+    u = torch.where(local_mask_E, local_mass / m, eps / (E - m).clamp_min(1)).to(P_E.dtype)
     p = P_E.clamp_min(torch.finfo(P_E.dtype).tiny)
     return (p * (p / u).log()).sum()
 

@@ -17,11 +17,12 @@ from torch import Tensor, nn
 def _grouped_mm_usable(x: Tensor) -> bool:
     # torch._grouped_mm is fast on Hopper in bf16. On CPU it exists, but its backward rejects broadcast (stride-0)
     # gradients (docs/dependencies.md), so the loop over experts stays the CPU path.
-    return x.is_cuda and hasattr(torch, "_grouped_mm") and _compute_dtype(x) == torch.bfloat16
+    return x.is_cuda and hasattr(torch, "_grouped_mm") and compute_dtype(x) == torch.bfloat16
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype autocast would run a matmul on x in (bf16 under train.dtype=bf16, CUDA or CPU), else x's own."""
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype autocast would run a matmul on x in (bf16 under train.dtype=bf16, CUDA or CPU), else x's own: the
+    experts' compute dtype and the dispatch payload's."""
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
@@ -42,19 +43,23 @@ class FFNExperts(nn.Module):
         nn.init.normal_(self.w_up, std=std)
         nn.init.normal_(self.w_down, std=std)
 
-    def forward(self, x_AD: Tensor, tokens_per_expert: list[int]) -> Tensor:
-        """x_AD holds the rows of expert 0, then expert 1, ... (counts in tokens_per_expert, a host list)."""
+    def forward(self, x_AD: Tensor, tokens_per_expert: list[int], counts_E: Tensor | None = None) -> Tensor:
+        """x_AD holds the rows of expert 0, then expert 1, ... (counts in tokens_per_expert, a host list: the loop
+        slices rows with it). counts_E: the same counts on x_AD's device, if the caller has them; the grouped GEMM
+        takes its offsets from them (building them from the list is a blocking host-to-device copy)."""
         if _grouped_mm_usable(x_AD):
-            return self._grouped(x_AD, tokens_per_expert)
+            return self._grouped(x_AD, tokens_per_expert, counts_E)
         # Autocast does not reach into a custom autograd node's out= GEMMs: cast here as it would (the casts are
         # differentiable, so the fp32 master weights still get their gradients) and run the node outside it.
-        dtype = _compute_dtype(x_AD)
+        dtype = compute_dtype(x_AD)
         with torch.autocast(x_AD.device.type, enabled=False):
             return LoopedSwiGLU.apply(x_AD.to(dtype), self.w_up.to(dtype), self.w_down.to(dtype), tokens_per_expert)
 
-    def _grouped(self, x_AD: Tensor, tokens_per_expert: list[int]) -> Tensor:
-        dtype = _compute_dtype(x_AD)
-        offs = torch.tensor(tokens_per_expert, device=x_AD.device).cumsum(0).to(torch.int32)
+    def _grouped(self, x_AD: Tensor, tokens_per_expert: list[int], counts_E: Tensor | None) -> Tensor:
+        dtype = compute_dtype(x_AD)
+        if counts_E is None:
+            counts_E = torch.tensor(tokens_per_expert, device=x_AD.device)  # host-to-device copy (blocking)
+        offs = counts_E.cumsum(0).to(torch.int32)
         x = x_AD.to(dtype)
         h = torch._grouped_mm(x, self.w_up.to(dtype).transpose(-2, -1), offs=offs)
         gate, up = h.chunk(2, dim=-1)

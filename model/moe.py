@@ -1,5 +1,7 @@
 """The MoE++ layer: route -> dispatcher.dispatch -> FFN experts -> dispatcher.combine, plus the zero-computation
-experts computed right here so they can never enter a dispatcher (and so never an all-to-all).
+experts computed right here so they can never enter a dispatcher (and so never an all-to-all). They are computed
+while the dispatch is pending and the shared experts while the combine is: under expert parallelism that work
+overlaps the all-to-alls (model/dispatch.py); the layer itself knows nothing of ranks.
 
 With zero zero-computation experts and no gating residual this is a plain top-k MoE.
 """
@@ -12,8 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from model.config import MoEConfig
-from model.dispatch import LocalDispatcher
-from model.experts import ConstantExperts, DenseFFN, FFNExperts
+from model.dispatch import AllToAllBytes, LocalDispatcher
+from model.experts import ConstantExperts, DenseFFN, FFNExperts, compute_dtype
 from model.router import Router
 
 
@@ -24,8 +26,8 @@ class RoutingStats:
     expert_counts_E: Tensor  # kept assignments per expert, expert order [FFN, constant, copy, zero]
     dropped: Tensor  # assignments dropped by the capacity limit
     num_tokens: int
-    bytes_sent: int = 0  # all-to-all bytes this rank sent for dispatch + combine
-    bytes_received: int = 0
+    # What this rank's dispatch and combine all-to-alls moved in the forward (all 0 on a single device).
+    a2a: AllToAllBytes = field(default_factory=AllToAllBytes)
     # Each balance term of this layer, unweighted and detached (summed when micro-batches are merged).
     aux_terms: dict[str, Tensor] = field(default_factory=dict)
 
@@ -57,7 +59,6 @@ class MoELayer(nn.Module):
         # Never in place: x_TD needs its gradient.
         x_in = x_TD * K if self.cfg.scale_input_by_topk else x_TD
 
-        out = self.zero_computation_output(x_in, route.expert_idx_TK, route.gates_TK)
         expert_idx_A = route.expert_idx_TK.reshape(-1)
         gates_A = route.gates_TK.reshape(-1)
         kept_A = route.kept_TK.reshape(-1)
@@ -66,28 +67,37 @@ class MoELayer(nn.Module):
         # and lands after the FFN ones, where the dispatcher never looks.
         key_A = torch.where((expert_idx_A < self.num_ffn) & kept_A, expert_idx_A, self.num_ffn)
         order_A = torch.argsort(key_A, stable=True)
-        tokens_per_expert = torch.bincount(key_A, minlength=self.num_ffn + 1)[: self.num_ffn]
-        token_idx_A = order_A // K
-        dispatched = self.dispatcher.dispatch(x_in, token_idx_A, tokens_per_expert)
-        y_AD = self.experts(dispatched.x_AD, dispatched.tokens_per_expert)
-        y_AD = self.dispatcher.combine(y_AD, dispatched)
-        n = y_AD.shape[0]
-        # In place: `out` is a fresh sum whose value no backward needs, and a copy of [T, D] per layer is waste.
-        out.index_add_(0, token_idx_A[:n], y_AD.float() * gates_A[order_A[:n], None])
-
+        # Kept assignments per expert. scatter_add rather than bincount: CUDA's bincount reads the maximum back to
+        # size its output (a host sync); the dispatcher's read of the FFN part is the layer's only one.
         counts = torch.zeros(self.cfg.num_total_experts, dtype=torch.long, device=x_TD.device)
         counts.scatter_add_(0, expert_idx_A, kept_A.long())
+        tokens_per_expert = counts[: self.num_ffn]
+        token_idx_A = order_A // K
+        # The rows travel in the experts' compute dtype (bf16 under bf16 autocast), not the fp32 residual's.
+        dispatched = self.dispatcher.dispatch(x_in, token_idx_A, tokens_per_expert, compute_dtype(x_in))
+        # Needs no other rank, so it runs while an asynchronous dispatcher moves the rows (and, in the backward,
+        # their gradients): the overlap only zero-computation experts give.
+        out = self.zero_computation_output(x_in, route.expert_idx_TK, route.gates_TK)
+        y_AD = self.experts(dispatched.x_AD.wait(), dispatched.tokens_per_expert, dispatched.counts_E)
+        coming_home = self.dispatcher.combine(y_AD, dispatched)
+        # Likewise while the expert outputs travel home.
+        shared = self.shared(x_TD) if self.shared is not None else None
+        y_AD = coming_home.wait()
+        n = y_AD.shape[0]
+        # In place: `out` is a fresh sum whose value no backward needs, and a copy of [T, D] per layer is waste.
+        # fp32: each token's expert outputs are weighted and summed in fp32 (and so are the gates' gradients).
+        out.index_add_(0, token_idx_A[:n], y_AD.float() * gates_A[order_A[:n], None])
+
         stats = RoutingStats(
             expert_counts_E=counts.detach(),
             dropped=(T * K - kept_A.sum()).detach(),
             num_tokens=T,
-            bytes_sent=2 * dispatched.bytes_sent,
-            bytes_received=2 * dispatched.bytes_received,
+            a2a=dispatched.traffic,
             aux_terms={k: v.detach() for k, v in route.aux_terms.items()},
         )
         out = out.to(x_TD.dtype)
-        if self.shared is not None:
-            out = out + self.shared(x_TD)
+        if shared is not None:
+            out = out + shared
         return out, route.logits_TE, route.aux_loss, stats
 
     def zero_computation_output(self, x_TD: Tensor, expert_idx_TK: Tensor, gates_TK: Tensor) -> Tensor:

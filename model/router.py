@@ -186,8 +186,8 @@ class Router(nn.Module):
     # -----------------------------------------------------------------------------------------------------------
     # Capacity
 
-    def capacities(self, num_tokens: int) -> Tensor:
-        """Per-expert capacity [E]: C_ffn = gamma*tau*A/(tau*N_ffn + N_zc), C_zc = gamma*A/(tau*N_ffn + N_zc),
+    def capacity_limits(self, num_tokens: int) -> tuple[int, int]:
+        """(C_ffn, C_zc): C_ffn = gamma*tau*A/(tau*N_ffn + N_zc), C_zc = gamma*A/(tau*N_ffn + N_zc),
         A = tokens * top_k; rounded up."""
         cfg = self.cfg
         assert cfg.capacity_factor is not None
@@ -196,6 +196,12 @@ class Router(nn.Module):
         # The 1e-9 keeps float noise (1.1 * 200 / 10 = 22.000000000000004) from adding a slot.
         c_ffn = math.ceil(cfg.capacity_factor * cfg.tau * a / denom - 1e-9)
         c_zc = math.ceil(cfg.capacity_factor * a / denom - 1e-9)
+        return c_ffn, c_zc
+
+    def capacities(self, num_tokens: int) -> Tensor:
+        """Per-expert capacity [E] (host tensor), from capacity_limits."""
+        cfg = self.cfg
+        c_ffn, c_zc = self.capacity_limits(num_tokens)
         caps = torch.full((cfg.num_total_experts,), c_zc, dtype=torch.long)
         caps[: cfg.num_experts] = c_ffn
         return caps
@@ -206,15 +212,19 @@ class Router(nn.Module):
         expert's queue comes from a stable sort."""
         T, K = expert_idx_TK.shape
         E = self.cfg.num_total_experts
-        caps = self.capacities(T).to(expert_idx_TK.device)
+        c_ffn, c_zc = self.capacity_limits(T)
         by_priority = expert_idx_TK.t().reshape(-1)  # [K*T]: choice-major order
         order = torch.argsort(by_priority, stable=True)
-        counts = torch.bincount(by_priority, minlength=E)
+        # scatter_add rather than bincount: CUDA's bincount reads the maximum back to size its output (a host sync).
+        counts = torch.zeros(E, dtype=torch.long, device=by_priority.device)
+        counts.scatter_add_(0, by_priority, torch.ones_like(by_priority))
         group_start = torch.cumsum(counts, 0) - counts
         pos_sorted = torch.arange(order.numel(), device=order.device) - group_start[by_priority[order]]
         position = torch.empty_like(pos_sorted)
         position[order] = pos_sorted
-        kept = position < caps[by_priority]
+        # Capacities picked on the device from two host ints (a [E] tensor built on the host would be a blocking
+        # host-to-device copy).
+        kept = position < torch.where(by_priority < self.cfg.num_experts, c_ffn, c_zc)
         return kept.view(K, T).t()
 
     def etr_capacity_factor(self) -> float:
@@ -260,7 +270,7 @@ class Router(nn.Module):
         if not weights:
             return probs_TE.new_zeros(()), {}
         sel_TE = torch.zeros_like(probs_TE).scatter_add_(1, expert_idx_TK, chosen_TK.to(probs_TE.dtype))
-        parts = [sel_TE.sum(dim=0), probs_TE.sum(dim=0), probs_TE.new_tensor([T])]
+        parts = [sel_TE.sum(dim=0), probs_TE.sum(dim=0), probs_TE.new_full((1,), T)]  # new_full: no host copy
         if "zloss" in weights:
             parts.append(torch.logsumexp(scores_TE, dim=-1).square().sum()[None])
         if "seq" in weights:

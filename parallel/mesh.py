@@ -9,7 +9,7 @@ gloo on CPU and NCCL on CUDA are chosen from the device; the code paths are the 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
@@ -83,6 +83,7 @@ class ParallelContext:
     mesh: DeviceMesh | None = None
     # How long a rank waits for the others (every process group's timeout) or for a background checkpoint write.
     timeout_s: float = DEFAULT_TIMEOUT_S
+    _groups: dict[str, dist.ProcessGroup] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def distributed(self) -> bool:
@@ -111,7 +112,10 @@ class ParallelContext:
         """name: tp, ep, edp or dp."""
         if self.mesh is None:
             return None
-        return self.mesh[name].get_group()
+        # Cached: slicing a DeviceMesh computes on its rank tensor every time, and GradSync asks every step.
+        if name not in self._groups:
+            self._groups[name] = self.mesh[name].get_group()
+        return self._groups[name]
 
     @property
     def tp_mesh(self) -> DeviceMesh | None:

@@ -66,10 +66,22 @@ def test_all_to_all_bytes_are_the_ffn_share_exactly():
     rows = table_rows(out, "ep=2")
     assert len(rows) == 15
     for r in rows:
-        share, van_mb, pp_mb = float(r[3]), float(r[4]), float(r[5])
-        assert r[6].endswith("(exact)"), r
+        share, van_mb, pp_mb, remote_mb = float(r[3]), float(r[4]), float(r[5]), float(r[7])
+        assert r[9] == "exact", r
         assert pp_mb / van_mb == pytest.approx(share, abs=1e-3)
+        assert 0 < remote_mb < pp_mb  # a rank keeps its own chunk
+        assert r[8] == "0.5000", r  # bf16 payload: half the fp32 bytes per FFN assignment
     assert "15/15 rows" in out
+
+
+def test_all_to_all_overlap_reports_both_layers():
+    out = run_bench("all_to_all.py", "--overlap", "--tokens", "64", "--repeats", "1", "--ep", "2")
+    rows = table_rows(out, "ep=2")
+    assert [r[1] for r in rows] == ["(8+4)", "(8+4) + shared"]
+    for r in rows:
+        serial, overlapped, local = float(r[2]), float(r[3]), float(r[5])
+        assert serial > 0 and overlapped > 0 and local > 0
+        float(r[6])  # the hidden share is a number (its value is a timing)
 
 
 def test_peers_names_every_implementation():

@@ -18,9 +18,9 @@ class RecordingDispatcher(LocalDispatcher):
     def __init__(self):
         self.calls = []
 
-    def dispatch(self, x_TD, token_idx_A, tokens_per_expert_E):
-        result = super().dispatch(x_TD, token_idx_A, tokens_per_expert_E)
-        self.calls.append((result.x_AD.shape[0], list(result.tokens_per_expert)))
+    def dispatch(self, x_TD, token_idx_A, tokens_per_expert_E, payload_dtype):
+        result = super().dispatch(x_TD, token_idx_A, tokens_per_expert_E, payload_dtype)
+        self.calls.append((result.x_AD.wait().shape[0], list(result.tokens_per_expert)))
         return result
 
 
@@ -364,3 +364,30 @@ def test_scale_input_by_topk_is_not_in_place():
     torch.testing.assert_close(x.detach(), x_before)
     out.sum().backward()
     assert x.grad is not None
+
+
+def test_dispatched_rows_are_in_the_compute_dtype_and_gradients_stay_fp32():
+    # Under bf16 autocast the rows handed to the experts (and, under expert parallelism, to the all-to-all) are
+    # bf16; the layer's input and router still get fp32 gradients, summed over a token's assignments in fp32.
+    cfg = MoEConfig(num_experts=4, num_constant_experts=1, num_copy_experts=1, num_zero_experts=1, top_k=2)
+    layer = MoELayer(16, cfg, ffn_hidden_size=8, has_residual=False)
+    payloads = []
+
+    class Spy(LocalDispatcher):
+        def dispatch(self, x_TD, token_idx_A, tokens_per_expert_E, payload_dtype):
+            result = super().dispatch(x_TD, token_idx_A, tokens_per_expert_E, payload_dtype)
+            payloads.append(result.x_AD.wait().dtype)
+            return result
+
+    layer.dispatcher = Spy()
+    x = torch.randn(12, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _, _, stats = layer(x, None)
+    out.float().square().sum().backward()
+    assert payloads == [torch.bfloat16]
+    assert x.grad.dtype == torch.float32 and layer.router.wg.weight.grad.dtype == torch.float32
+    assert stats.a2a.sent == 0  # nothing crosses a wire on one device
+    layer.zero_grad()
+    x.grad = None
+    layer(x, None)  # fp32 without autocast
+    assert payloads[-1] == torch.float32

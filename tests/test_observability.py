@@ -34,6 +34,8 @@ def record(step: int, n_layers: int = 2, n_experts: int = 6) -> dict:
             "expert_load": [share_ffn / 4] * 4 + [(1 - share_ffn) / 2] * (n_experts - 4),
             "a2a_bytes_sent": 0,
             "a2a_bytes_received": 0,
+            "a2a_bytes_dispatch_sent": 0,
+            "a2a_bytes_dispatch_sent_remote": 0,
         }
         for _ in range(n_layers)
     ]

@@ -325,9 +325,16 @@ class LoggingConfig:
     interval: int = 10  # steps between console lines / metrics.jsonl records
     progress_bar: bool = True
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    # Dense bf16 peak TFLOP/s of one device, for MFU; null = the known CUDA devices' (train/flops.py), none on CPU.
+    peak_tflops: float | None = None
 
     def validate(self) -> None:
         require(self.interval >= 1, "logging.interval", "must be >= 1")
+        require(
+            self.peak_tflops is None or self.peak_tflops > 0,
+            "logging.peak_tflops",
+            f"must be positive TFLOP/s per device (or null for the known devices' peak), got {self.peak_tflops}",
+        )
         self.wandb.validate()
 
 

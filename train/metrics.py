@@ -7,6 +7,7 @@ import json
 import sys
 import time
 import uuid
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,8 +39,10 @@ def routing_summary(stats: list[RoutingStats], moe: MoEConfig) -> dict[str, Any]
                 "share_zero": zero / total,
                 "dropped": int(s.dropped.item()) / total,
                 "expert_load": [c / total for c in counts],
-                "a2a_bytes_sent": s.bytes_sent,
-                "a2a_bytes_received": s.bytes_received,
+                # Per rank, one forward: dispatch + combine, then each collective apart and the remote part.
+                "a2a_bytes_sent": s.a2a.sent,
+                "a2a_bytes_received": s.a2a.received,
+                **{f"a2a_bytes_{k}": v for k, v in asdict(s.a2a).items()},
             }
         )
     summary: dict[str, Any] = {"layers": layers}

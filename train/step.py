@@ -102,9 +102,8 @@ def merge_routing(total: list[RoutingStats] | None, new: list[RoutingStats]) -> 
             a.expert_counts_E + b.expert_counts_E,
             a.dropped + b.dropped,
             a.num_tokens + b.num_tokens,
-            a.bytes_sent + b.bytes_sent,
-            a.bytes_received + b.bytes_received,
-            sum_terms([a.aux_terms, b.aux_terms]),
+            a2a=a.a2a + b.a2a,
+            aux_terms=sum_terms([a.aux_terms, b.aux_terms]),
         )
         for a, b in zip(total, new, strict=True)
     ]

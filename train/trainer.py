@@ -17,6 +17,7 @@ import yaml
 from data.loader import build_data
 from data.packing import DocumentPacking
 from model.config import ConfigError
+from model.dispatch import AllToAllBytes
 from model.errors import UserError
 from model.moe import RoutingStats
 from model.router import Router
@@ -27,6 +28,7 @@ from parallel.mesh import ParallelContext, init_parallel
 from train.checkpoint import Checkpointer, check_compatible, find_latest, load_training_state, read_meta
 from train.config import Config
 from train.evaluate import evaluate, evaluate_pipeline
+from train.flops import device_peak_tflops, flops_per_token, tflops_per_device
 from train.metrics import MetricsLogger, format_duration, routing_summary
 from train.optim import build_optimizer, lr_at, set_lr
 from train.signals import ShutdownRequest
@@ -72,13 +74,13 @@ def reduce_for_logging(ctx: ParallelContext, values: torch.Tensor, routing: list
         return routing
     ranks = ctx.dims.dp * (ctx.dims.tp if ctx.dims.sp else 1)
     counts = torch.stack([torch.cat([s.expert_counts_E, s.dropped.view(1)]) for s in routing])
-    # A2A bytes are reported per rank: the mean over those ranks.
-    moved = torch.tensor([[s.bytes_sent, s.bytes_received] for s in routing], dtype=torch.float64, device=values.device)
+    # A2A bytes are reported per rank: the mean over those ranks (float64 holds these integers exactly).
+    moved = torch.tensor([dataclasses.astuple(s.a2a) for s in routing], dtype=torch.float64, device=values.device)
     for name in groups:
         dist.all_reduce(counts, group=ctx.group(name))
         dist.all_reduce(moved, group=ctx.group(name))
     return [
-        RoutingStats(c[:-1], c[-1], s.num_tokens * ranks, int(m[0]) // ranks, int(m[1]) // ranks)
+        RoutingStats(c[:-1], c[-1], s.num_tokens * ranks, AllToAllBytes(*(int(b) // ranks for b in m)))
         for c, s, m in zip(counts, routing, moved.tolist(), strict=True)
     ]
 
@@ -331,6 +333,13 @@ def log_step(
     if "ffn_per_token" in summary:
         record["ffn_per_token"] = summary["ffn_per_token"]
         record["share_zero_computation"] = summary["share_zero_computation"]
+    # Model FLOPs with each MoE layer's FFN experts per token as this step routed them (MoE++ computes fewer).
+    flops = flops_per_token(
+        cfg.model, cfg.moe, cfg.data.seq_len, [x["ffn_per_token"] for x in summary["layers"]] or None
+    )
+    record["tflops"] = tflops_per_device(flops, tokens_per_s, ctx.dims.world_size)
+    if (peak := device_peak_tflops(ctx.device, cfg.logging.peak_tflops)) is not None:
+        record["mfu"] = record["tflops"] / peak
     record["eta_s"] = logger.eta(step)
     record["routing"] = summary["layers"]
     return record
@@ -375,6 +384,10 @@ def format_line(r: dict[str, Any], max_steps: int, floor: float | None) -> str:
     if floor is not None:
         parts.append(f"(floor {floor:.3f})")
     parts += [f"lr {r['lr']:.2e}", f"tok/s {r['tokens_per_s']:,.0f}"]
+    if "tflops" in r:
+        parts.append(f"TFLOP/s {r['tflops']:.3g}")
+    if "mfu" in r:
+        parts.append(f"MFU {r['mfu']:.1%}")
     if "ffn_per_token" in r:
         parts.append(f"ffn/tok {r['ffn_per_token']:.2f}")
     if "val_loss" in r:

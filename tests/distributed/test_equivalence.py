@@ -36,6 +36,18 @@ def test_all_to_all_volume_is_ffn_share_of_vanilla():
     run_world(workers.a2a_volume, 2)
 
 
+def test_bf16_all_to_all_payload_forward_and_backward():
+    run_world(workers.bf16_payload, 2)
+
+
+def test_one_host_sync_per_moe_layer_under_ep2():
+    run_world(workers.host_syncs, 2)
+
+
+def test_local_experts_overlap_the_all_to_alls_forward_and_backward():
+    run_world(workers.overlap_order, 2)
+
+
 def test_rank_and_experts_receiving_no_tokens():
     run_world(workers.empty_rank, 2)
 

@@ -7,6 +7,7 @@ import copy
 
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from model.config import ModelConfig, MoEConfig
 from model.transformer import Decoder
@@ -116,7 +117,9 @@ def equivalence(rank: int, world: int, tp: int, ep: int, capacity: float | None,
 
 
 def a2a_volume(rank: int, world: int) -> None:
-    """All-to-all bytes of an MoE++ model = FFN share x those of the vanilla twin, over the ep group."""
+    """All-to-all bytes are the rows handed to the collectives (no double counting): over the ep group each
+    collective moves exactly FFN assignments x row bytes, the remote part excludes each rank's own chunk, and an
+    MoE++ model's volume = FFN share x that of the vanilla twin."""
     ctx = init_parallel(ParallelConfig(ep=world), "cpu")
     tokens = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(rank))
     results = {}
@@ -125,13 +128,28 @@ def a2a_volume(rank: int, world: int) -> None:
         torch.manual_seed(0)
         model = parallelize(Decoder(mcfg, moecfg), ctx)
         out = model(tokens)
-        sent = torch.tensor([s.stats.bytes_sent for s in out.moe_layers])
-        received = torch.tensor([s.stats.bytes_received for s in out.moe_layers])
-        ffn = torch.stack([s.stats.expert_counts_E[: moecfg.num_experts].sum() for s in out.moe_layers])
+        a2a = [s.stats.a2a for s in out.moe_layers]
+        field_names = ("dispatch_sent", "dispatch_received", "combine_sent", "combine_received")
+        per_rank = torch.tensor([[getattr(t, f) for f in field_names] for t in a2a])
+        remote = torch.tensor([[t.dispatch_sent_remote, t.dispatch_received_remote] for t in a2a])
+        counts = torch.stack([s.stats.expert_counts_E for s in out.moe_layers])
+        ffn = counts[:, : moecfg.num_experts].sum(1)
+        # Rows a rank routes to its own experts: they stay home.
+        local = moecfg.num_experts // world
+        own = counts[:, rank * local : (rank + 1) * local].sum(1)
+        row_bytes = mcfg.hidden_size * 4  # fp32
+        assert torch.equal(per_rank[:, 0], ffn * row_bytes)  # a rank sends each of its FFN assignments once
+        assert torch.equal(per_rank[:, 3], ffn * row_bytes)  # and gets each one back
+        assert torch.equal(remote[:, 0], (ffn - own) * row_bytes)
+        assert all(t.sent == t.dispatch_sent + t.combine_sent for t in a2a)
+        sent = torch.tensor([t.sent for t in a2a])
         total = torch.tensor([s.stats.num_tokens * moecfg.top_k for s in out.moe_layers])
-        for t in (sent, received, ffn, total):
+        for t in (per_rank, remote, sent, ffn, total):
             dist.all_reduce(t, group=ctx.group("ep"))
-        assert torch.equal(sent, received)
+        # Over the group, what is sent is received, in each collective and for the remote part.
+        assert torch.equal(per_rank[:, 0], per_rank[:, 1]) and torch.equal(per_rank[:, 2], per_rank[:, 3])
+        assert torch.equal(per_rank[:, 0], per_rank[:, 2]) and torch.equal(remote[:, 0], remote[:, 1])
+        assert torch.equal(sent, 2 * ffn * row_bytes)  # dispatch + combine, nothing counted twice
         results[vanilla] = (sent, ffn, total)
     sent_pp, ffn_pp, total_pp = results[False]
     sent_van, ffn_van, total_van = results[True]
@@ -139,6 +157,58 @@ def a2a_volume(rank: int, world: int) -> None:
     assert (ffn_pp < total_pp).all()  # MoE++ sent some tokens to zero-computation experts
     # bytes_pp / bytes_vanilla == ffn_pp / total_pp, exactly, in integers
     assert torch.equal(sent_pp * total_pp, sent_van * ffn_pp), (sent_pp, sent_van, ffn_pp, total_pp)
+
+
+class CollectivePayloads(TorchDispatchMode):
+    """Records the dtype of every floating-point tensor an all-to-all moves, forward and backward alike."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dtypes: list[torch.dtype] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if "all_to_all" in name or "alltoall" in name:
+            moved = [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
+            self.dtypes += [a.dtype for a in moved[-1:]]  # the input (the last tensor argument)
+        return func(*args, **(kwargs or {}))
+
+
+def bf16_payload(rank: int, world: int) -> None:
+    """Under bf16 autocast the all-to-alls move bf16 rows in both directions, forward and backward (the byte counts
+    say so too), and the layer's output and fp32 gradients match the single-process layer's under autocast."""
+    from model.moe import MoELayer
+    from parallel.expert_parallel import apply_expert_parallel
+
+    ctx = init_parallel(ParallelConfig(ep=world), "cpu")
+    _, moecfg = tiny_model_configs()
+    torch.manual_seed(0)
+    ref = MoELayer(32, moecfg, ffn_hidden_size=16, has_residual=False)
+    par = copy.deepcopy(ref)
+    apply_expert_parallel(par, ctx.group("ep"))
+    xs = [torch.randn(10, 32, generator=torch.Generator().manual_seed(r)) for r in range(world)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_out = [ref(x, None)[0] for x in xs]
+    (torch.stack(ref_out).float().square().sum() / world).backward()
+
+    x = xs[rank].clone().requires_grad_()
+    payloads = CollectivePayloads()
+    with payloads:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, _, _, stats = par(x, None)
+        out.float().square().sum().backward()
+    # dispatch and combine forward, then their gradients in the backward
+    assert payloads.dtypes == [torch.bfloat16] * 4, payloads.dtypes
+    ffn = int(stats.expert_counts_E[: moecfg.num_experts].sum())
+    assert stats.a2a.dispatch_sent == stats.a2a.combine_received == ffn * 32 * 2  # 2 bytes per bf16 element
+    assert out.dtype == torch.float32 and x.grad.dtype == torch.float32
+    # The same arithmetic as one process under autocast (bf16 GEMMs, fp32 sums): equal up to summation order.
+    _close("output", out.detach(), ref_out[rank].detach(), rtol=1e-2, atol=1e-3)
+    GradSync(par, ctx).reduce()
+    grads = full_tensors(par, ctx, grads=True)
+    for name, p in ref.named_parameters():
+        assert grads[name].dtype == torch.float32, name
+        _close(f"grad {name}", grads[name], p.grad, rtol=2e-2, atol=1e-3)
 
 
 def empty_rank(rank: int, world: int) -> None:
@@ -459,3 +529,132 @@ def document_equivalence(rank: int, world: int, tp: int, ep: int, pp: int, sp: b
     ref_params = dict(ref.named_parameters())
     for name, got in params.items():
         _close(f"param {name} after 2 steps", got, ref_params[name].detach(), PARAM_RTOL, PARAM_ATOL)
+
+
+def host_syncs(rank: int, world: int) -> None:
+    """One training step under expert parallelism reads the device from the host exactly once per MoE layer and
+    micro-batch (the all-to-all split sizes) plus once per step (the finite-gradient check), forward and backward,
+    dropless and with capacity."""
+    from tests.host_syncs import HostSyncCounter
+
+    ctx = init_parallel(ParallelConfig(ep=world), "cpu")
+    for capacity in (None, 0.8):
+        mcfg, moecfg = tiny_model_configs(capacity=capacity)
+        torch.manual_seed(0)
+        model = parallelize(Decoder(mcfg, moecfg), ctx)
+        opt = build_optimizer(model, OptimConfig(lr=1e-2))
+        sync = GradSync(model, ctx)
+        batch = torch.randint(0, mcfg.vocab_size, (4, 13), generator=torch.Generator().manual_seed(rank))
+        micro = list(batch.split(2))
+        train_step(model, opt, micro, 1.0, grad_sync=sync)  # warm-up: first-call work is not the steady state
+        with HostSyncCounter() as syncs:
+            train_step(model, opt, micro, 1.0, grad_sync=sync)
+        moe_layers = sum(moecfg.is_moe_layer(i) for i in range(mcfg.num_layers))
+        expected = {
+            "tolist @ parallel/expert_parallel.py": moe_layers * len(micro),
+            "_local_scalar_dense @ train/step.py": 1,
+        }
+        assert syncs.by_file() == expected, dict(syncs.where)
+
+
+class _Mark(torch.autograd.Function):
+    """Identity that notes when autograd reaches it in the backward."""
+
+    @staticmethod
+    def forward(ctx, x, events, name):
+        ctx.events, ctx.name = events, name
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.events.append(ctx.name)
+        return grad, None, None
+
+
+def overlap_order(rank: int, world: int) -> None:
+    """Under expert parallelism the zero-computation experts run while the dispatch all-to-all is in flight and the
+    shared experts while the combine is, in the forward, and their backward while the gradients' all-to-alls are;
+    overlap=False serialises. Output and gradients are the same either way."""
+    from model.moe import MoELayer
+    from parallel import async_all_to_all
+    from parallel.expert_parallel import apply_expert_parallel
+
+    ctx = init_parallel(ParallelConfig(ep=world), "cpu")
+    _, moecfg = tiny_model_configs()
+    moecfg.shared_experts = 1
+    events: list[str] = []
+    names: dict[int, str] = {}
+    flight_cls = async_all_to_all.AsyncAllToAll
+
+    def spy(method, what):
+        def run(self, *args):
+            # The first all-to-all of a forward is the dispatch, the second the combine.
+            names.setdefault(id(self), "dispatch" if len(names) % 2 == 0 else "combine")
+            events.append(f"{what} {names[id(self)]}")
+            return method(self, *args)
+
+        return run
+
+    originals = {m: getattr(flight_cls, m) for m in ("start", "finish", "start_grad", "finish_grad")}
+    labels = {"start": "launch", "finish": "wait", "start_grad": "launch grad", "finish_grad": "wait grad"}
+    for m, f in originals.items():
+        setattr(flight_cls, m, spy(f, labels[m]))
+    results = {}
+    try:
+        for overlap in (True, False):
+            torch.manual_seed(0)
+            layer = MoELayer(32, moecfg, ffn_hidden_size=16, has_residual=False)
+            apply_expert_parallel(layer, ctx.group("ep"))
+            layer.dispatcher.overlap = overlap
+            zc = layer.zero_computation_output
+
+            def zc_marked(*args, zc=zc):
+                events.append("zero-computation")
+                return _Mark.apply(zc(*args), events, "zero-computation backward")
+
+            layer.zero_computation_output = zc_marked
+
+            def shared_marked(module, inputs, output):
+                events.append("shared")
+                return _Mark.apply(output, events, "shared backward")
+
+            layer.shared.register_forward_hook(shared_marked)
+            x = torch.randn(10, 32, generator=torch.Generator().manual_seed(rank), requires_grad=True)
+            events.clear()
+            names.clear()
+            out = layer(x, None)[0]
+            forward = list(events)
+            events.clear()
+            out.square().sum().backward()
+            results[overlap] = (forward, list(events), out.detach(), x.grad, layer.experts.w_up.grad)
+    finally:
+        for m, f in originals.items():
+            setattr(flight_cls, m, f)
+    forward, backward = results[True][:2]
+    assert forward == [
+        "launch dispatch",
+        "zero-computation",
+        "wait dispatch",
+        "launch combine",
+        "shared",
+        "wait combine",
+    ], forward
+    assert backward == [
+        "launch grad combine",
+        "shared backward",
+        "wait grad combine",
+        "launch grad dispatch",
+        "zero-computation backward",
+        "wait grad dispatch",
+    ], backward
+    forward, backward = results[False][:2]
+    assert forward == [
+        "launch dispatch",
+        "wait dispatch",
+        "zero-computation",
+        "launch combine",
+        "wait combine",
+        "shared",
+    ], forward
+    for got, want in zip(results[True][2:], results[False][2:], strict=True):
+        assert torch.equal(got, want)
