@@ -69,8 +69,16 @@ def test_pipeline_and_sequence_parallel_are_exclusive():
         ParallelDims.from_config(ParallelConfig(pp=2, tp=2, sequence_parallel=True), 4)
 
 
-@pytest.mark.parametrize("value", ["0", "-5", ".inf", ".nan"])
-def test_timeout_must_be_a_positive_finite_number_of_seconds(value):
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("0", "must be a positive number of seconds"),
+        ("-5", "must be a positive number of seconds"),
+        (".inf", "expected a finite number, got inf"),
+        (".nan", "expected a finite number, got nan"),
+    ],
+)
+def test_timeout_must_be_a_positive_finite_number_of_seconds(value, message):
     with pytest.raises(ConfigError) as info:
         load_config("configs/tiny-cpu.yaml", [f"parallel.timeout_s={value}"])
-    assert str(info.value).startswith("parallel.timeout_s: must be a positive number of seconds")
+    assert str(info.value).startswith(f"parallel.timeout_s: {message}")
