@@ -263,6 +263,9 @@ class TrainConfig:
     exit_at_step: int | None = None
     # Steps whose loss or gradient norm is NaN/inf are skipped; this many in a row stop the run.
     max_nonfinite_steps: int = 5
+    # torch.compile each transformer block (inductor, static shapes); the MoE dispatch-to-combine section stays
+    # eager (parallel/compile.py says where the graphs break). The first steps pay the compile time.
+    compile: bool = False
 
     def validate(self) -> None:
         require(self.max_steps > 0, "train.max_steps", f"must be positive, got {self.max_steps}")
