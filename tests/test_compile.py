@@ -53,6 +53,7 @@ def test_compiled_blocks_match_eager_in_fp32():
     compiled = copy.deepcopy(eager)
     apply_compile(compiled)
     assert list(compiled.state_dict()) == list(eager.state_dict())  # checkpoints load either way
+    graphs = []
     for seed in (1, 2):  # a second batch routes differently: the eager MoE section must not force a recompile
         tokens = torch.randint(0, cfg.model.vocab_size, (2, 33), generator=torch.Generator().manual_seed(seed))
         loss_e, grads_e = loss_and_grads(eager, tokens)
@@ -62,8 +63,9 @@ def test_compiled_blocks_match_eager_in_fp32():
         for name, g in grads_e.items():
             scale = g.abs().max().item()
             torch.testing.assert_close(grads_c[name], g, rtol=0, atol=GRAD_RTOL * scale + 1e-12, msg=name)
-    stats = torch._dynamo.utils.counters["stats"]
-    assert stats["unique_graphs"] > 0  # the blocks did run compiled
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert graphs[0] > 0  # the blocks did run compiled
+    assert graphs[1] == graphs[0]  # and another routing reused the same graphs
 
 
 def test_train_compile_is_a_validated_flag():
