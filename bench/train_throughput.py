@@ -6,10 +6,10 @@ writes the "Training throughput" section of docs/benchmarks.md.
 
 Presets: `tiny-cpu` (configs/tiny-cpu.yaml as is) and `moepp-0.6b-2layer` (configs/moepp-0.6b.yaml with 2 of its 12
 layers, sequences of 256, 4 sequences per step: the paper's 0.6B/(8+4)E layer shapes at a CPU-sized step), and
-`moe-0.6b-2layer`, its vanilla twin. On a
-GPU, `moepp-0.6b` (the full preset, micro-batch 4) is the one the MFU target refers to. Each preset runs in its own
-process so that peak memory is its own. Steps use the training code itself (train.step.train_step on the synthetic
-corpus); the first steps warm up and are not timed.
+`moe-0.6b-2layer`, its vanilla twin. On a GPU, `moepp-0.6b` (the full preset, micro-batch 4) is the one the MFU
+target refers to; `moe-0.6b` is its vanilla twin. `--compile` adds a compiled run of each preset (train.compile).
+Each preset runs in its own process so that peak memory is its own. Steps use the training code itself
+(train.step.train_step on the synthetic corpus); the first steps warm up and are not timed.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ PRESETS = {
         ["model.num_layers=2", "data.seq_len=256", "train.global_batch_size=4", "train.micro_batch_size=2"],
     ),
     "moepp-0.6b": ("configs/moepp-0.6b.yaml", ["train.global_batch_size=4", "train.micro_batch_size=4"]),
+    "moe-0.6b": ("configs/moe-0.6b.yaml", ["train.global_batch_size=4", "train.micro_batch_size=4"]),
 }
 
 
