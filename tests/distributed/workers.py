@@ -64,13 +64,23 @@ def _reduce_and_compare_grads(par, ref, ctx, sync: GradSync) -> dict[str, torch.
     return ref_grads
 
 
-def equivalence(rank: int, world: int, tp: int, ep: int, capacity: float | None, steps: int, sp: bool = False) -> None:
+def equivalence(
+    rank: int,
+    world: int,
+    tp: int,
+    ep: int,
+    capacity: float | None,
+    steps: int,
+    sp: bool = False,
+    compile: bool = False,
+) -> None:
+    """The parallel model (its blocks compiled with `compile`) against the eager single-process one."""
     ctx = init_parallel(ParallelConfig(tp=tp, ep=ep, sequence_parallel=sp), "cpu")
     dp = ctx.dims.dp
     mcfg, moecfg = tiny_model_configs(capacity=capacity)
     torch.manual_seed(0)
     ref = Decoder(mcfg, moecfg)
-    par = parallelize(copy.deepcopy(ref), ctx)
+    par = parallelize(copy.deepcopy(ref), ctx, compile=compile)
     g = torch.Generator().manual_seed(1)
     # Two sequences per data-parallel rank; rank d takes shard d (tp ranks of one replica share it).
     batches = [torch.randint(0, mcfg.vocab_size, (2 * dp, 13), generator=g) for _ in range(steps + 1)]
