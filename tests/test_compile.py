@@ -73,3 +73,5 @@ def test_train_compile_is_a_validated_flag():
     assert load_config("configs/tiny-cpu.yaml").train.compile is False
     with pytest.raises(ConfigError, match="train.compile"):
         load_config("configs/tiny-cpu.yaml", ["train.compile=maybe"])
+    with pytest.raises(ConfigError, match="train.compile: is not supported with parallel.tp > 1"):
+        load_config("configs/tiny-cpu.yaml", ["train.compile=true", "parallel.tp=2"])
