@@ -310,9 +310,10 @@ def pipeline_equivalence(
     every_n: int,
     pp_layers: list[int] | None,
     vanilla: bool = False,
+    compile: bool = False,
 ) -> None:
-    """Pipeline stages (1F1B, 3 micro-batches per rank) against the single-process model: loss, balance loss,
-    every gradient and the parameters after 3 steps."""
+    """Pipeline stages (1F1B, 3 micro-batches per rank; blocks compiled with `compile`) against the eager
+    single-process model: loss, balance loss, every gradient and the parameters after 3 steps."""
     import dataclasses
 
     from parallel import pipeline_schedule
@@ -324,7 +325,7 @@ def pipeline_equivalence(
     moecfg = dataclasses.replace(moecfg, every_n_layers=every_n)
     torch.manual_seed(0)
     ref = Decoder(mcfg, moecfg)
-    par = parallelize(copy.deepcopy(ref), ctx)
+    par = parallelize(copy.deepcopy(ref), ctx, compile=compile)
     sched = pipeline_schedule(par, ctx)
     sync = GradSync(par, ctx)
     g = torch.Generator().manual_seed(1)
@@ -475,7 +476,7 @@ def document_equivalence(rank: int, world: int, tp: int, ep: int, pp: int, sp: b
     mcfg, moecfg = tiny_model_configs()
     torch.manual_seed(0)
     ref = Decoder(mcfg, moecfg)
-    par = parallelize(copy.deepcopy(ref), ctx)
+    par = parallelize(copy.deepcopy(ref), ctx, compile=compile)
     sched = pipeline_schedule(par, ctx)
     sync = GradSync(par, ctx)
     packing = DocumentPacking(DOC_EOD, mask_attention=True, reset_positions=True, mask_loss=True)
