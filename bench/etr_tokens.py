@@ -1,6 +1,6 @@
 """Tokens processed per FFN expert: Expert-Token Resonance (ETR) vs top-k routing at (hopefully) equal quality.
 
-Issue 10: the ETR paper (arXiv 2406.00023) reports about 40% fewer tokens processed per expert than top-k routing.
+The ETR paper (arXiv 2406.00023) reports about 40% fewer tokens processed per expert than top-k routing.
 This trains small vanilla MoE models (no zero-computation experts, no gating residual) on the embedded synthetic
 corpus of configs/tiny-cpu.yaml, same seed, same data and same steps, differing only in the router:
 

@@ -304,7 +304,7 @@ def main() -> None:
         )
         caveat = (
             " **CPU timings on a 2-core machine shared with other work: indicative only.** GPU numbers: the "
-            "'Expert forward (GPU)' section, pending until a session has a GPU."
+            "'Expert forward (GPU)' section, written by a run with --device cuda."
         )
     command = "python bench/expert_forward.py" + " ".join(
         [""]

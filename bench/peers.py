@@ -251,7 +251,7 @@ def main() -> None:
             ""
             if device.type == "cuda"
             else " **CPU timings on a 2-core machine shared with other work: indicative only.** GPU numbers: the "
-            "'Peers (GPU)' section, pending until a session has a GPU."
+            "'Peers (GPU)' section, written by a run with --device cuda."
         )
         + f"\n\n{markdown_table(headers, rows)}\n\n"
         "DeepSpeed runs with `drop_tokens=False` (capacity = the largest expert's load), `use_rts=False` and "

@@ -216,7 +216,7 @@ def main() -> None:
         "MFU target: >= 45% on one H100 for the 0.6B/(8+4)E preset."
         if on_gpu
         else "**CPU numbers on a 2-core machine shared with other work; GPU numbers (MFU; target >= 45% on one H100 "
-        "for the 0.6B/(8+4)E preset) are pending: no GPU in this session.**"
+        "for the 0.6B/(8+4)E preset) come from a run with --device cuda.**"
     )
     precision = "bf16 autocast (the presets' train.dtype)" if on_gpu else "fp32 on CPU"
     body = (
