@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Issue 9's GPU measurements in one call on a lent GPU machine (the device tool runs it in the repository root):
+# The GPU benchmarks in one command on a CUDA machine, run from the repository root:
 #   bash bench/gpu.sh
-# Each benchmark rewrites its own section of docs/benchmarks.md; the logs and the updated file are copied to $OUT
-# (the device tool brings that folder back). Every step has its own time limit so one slow step cannot eat the
-# others' (the device tool allows 10 minutes a call).
+# Each benchmark rewrites its own section of docs/benchmarks.md; the logs and the updated file are copied to $OUT.
+# Every step has its own time limit, so one slow step cannot eat the others' time and the whole stays under
+# 10 minutes.
 set -u
 OUT=${OUT:-/tmp/bench-gpu}
 mkdir -p "$OUT"
