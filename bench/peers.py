@@ -261,7 +261,7 @@ def main() -> None:
         "`w_down[e]` once per expert, so each backward materialised a zero gradient of the whole stacked weight "
         "(O(E^2)); forward+backward was then 0.66x / 0.49x / 0.18x DeepSpeed's for 8 / 16 / 32 experts. The "
         "experts then unbound the stacked weights once (measured: 32 experts x 1,024 rows, fwd+bwd 13.1 s -> 0.8 s). "
-        "Since 2026-11-22 (session 3) they are one autograd node (`model.experts.LoopedSwiGLU`) whose forward and "
+        "They are one autograd node (`model.experts.LoopedSwiGLU`) whose forward and "
         "backward write into preallocated buffers: no stack of the weight gradients (unbind backward), no "
         "concatenation of row blocks or gate/up halves; which gives the table above."
     )
