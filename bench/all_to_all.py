@@ -1,8 +1,9 @@
 """All-to-all volume and time of dispatch + combine under expert parallelism, MoE++ vs vanilla, at the paper's
 shapes (hidden 768; (8+4), (16+4), (32+8)) and tau in {0.1, 0.25, 0.5, 0.75, 1.0}, for ep = 2 and ep = 4 (gloo
-processes on CPU; NCCL on a GPU machine). Prints a table and writes the "All-to-all" section of docs/benchmarks.md.
+processes on CPU; NCCL on a GPU machine). Prints a table and writes bench/results/all_to_all.json
+(all_to_all_overlap.json with --overlap).
 
-    python bench/all_to_all.py [--tokens 16800] [--repeats 9] [--ep 2 4] [--default-malloc]
+    python bench/all_to_all.py [--tokens 16800] [--repeats 9] [--ep 2 4] [--default-malloc] [--out PATH]
     python bench/all_to_all.py --overlap [--tokens 4200] [--repeats 9] [--ep 2 4]   (bench/a2a_overlap.py)
 
 Each rank routes its own tokens with controlled routing (bench/routing.py: FFN share = tau N_ffn/(tau N_ffn + N_zc)
@@ -18,10 +19,8 @@ ratio within 10% of the FFN share.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import socket
 import statistics
 import sys
@@ -38,8 +37,8 @@ import torch.multiprocessing as mp
 from torch import Tensor, nn
 
 from bench import a2a_overlap
-from bench.allocator import describe, reuse_freed_memory
-from bench.report import markdown_table, write_section
+from bench.allocator import reuse_freed_memory
+from bench.report import add_out_argument, print_table, write_results
 from bench.routing import SHAPES, TAUS, balanced_assignments, build_pair, control, ffn_share
 from model.dispatch import AllToAllBytes, DispatchResult, Pending
 from model.moe import MoELayer
@@ -100,7 +99,7 @@ def measure_once(
 
 
 def worker(rank: int, world: int, port: int, tokens: int, repeats: int, reuse: bool, out_path: str) -> None:
-    reused = reuse and reuse_freed_memory()  # the docs say what took effect, not what was asked for
+    reused = reuse and reuse_freed_memory()  # the results say what took effect, not what was asked for
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -125,7 +124,7 @@ def worker(rank: int, world: int, port: int, tokens: int, repeats: int, reuse: b
             for tau in TAUS:
                 target = ffn_share(tau, n_ffn, pair.n_zc)
                 control(pair.moepp, balanced_assignments(tokens, n_ffn, pair.n_zc, target, seed=rank))
-                # Alternate vanilla and MoE++ runs in pairs: a slow patch of the shared machine hits both runs of a
+                # Alternate vanilla and MoE++ runs in pairs: a slow patch of a shared machine hits both runs of a
                 # pair alike, so the median of the per-pair time ratios is robust to it (the fastest run of each
                 # kind is kept for the ms columns).
                 van_runs, pp_runs = [], []
@@ -229,21 +228,19 @@ def main() -> None:
     parser.add_argument(
         "--default-malloc", action="store_true", help="glibc's defaults instead of reusing freed memory (allocator.py)"
     )
-    parser.add_argument("--no-write", action="store_true", help="print only, leave docs/benchmarks.md alone")
+    add_out_argument(parser)
     args = parser.parse_args()
     if args.overlap:
         overlap_main(args)
         return
     args.tokens = args.tokens or 16800
-    rows, errors, exact, fixed, reused = [], [], [], [], True
+    rows, errors, exact, fixed, reused, cells = [], [], [], [], True, []
     for world in args.ep:
         res = run_ep(world, args.tokens, args.repeats, not args.default_malloc)
         r, e, x = table_rows(world, res["cells"])
         reused = reused and res["reused"]
-        fixed.append(
-            f"{res['fixed_ms']:.1f} ms at ep={world} ({res['fixed_ms'] / res['cells'][0]['van_ms']:.1%} of "
-            "the vanilla layer's)"
-        )
+        fixed.append({"ep": world, "ms": res["fixed_ms"], "of_vanilla": res["fixed_ms"] / res["cells"][0]["van_ms"]})
+        cells += [{"ep": world, **c, "exact": is_exact} for c, is_exact in zip(res["cells"], x, strict=True)]
         rows += r
         errors += e
         exact += x
@@ -263,72 +260,38 @@ def main() -> None:
         "time ratio (vs share)",
     ]
     within = sum(abs(e) <= 0.10 for e in errors)
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), torch {torch.__version__}"
-    extra = "".join(
-        [
-            f" --tokens {args.tokens}" if args.tokens != 16800 else "",
-            f" --repeats {args.repeats}" * (args.repeats != 9),
-            " --default-malloc" * args.default_malloc,
-        ]
+    print_table(f"Dispatch + combine, {args.tokens} tokens per rank, {args.repeats} pairs per cell", headers, rows)
+    print(
+        f"Exact byte accounting: {sum(exact)}/{len(exact)} rows. Time ratio within 10% of the FFN share: "
+        f"{within}/{len(errors)} rows (deviations {min(errors):+.0%} to {max(errors):+.0%}, mean "
+        f"{sum(errors) / len(errors):+.0%}). No FFN assignment at all, (8+4) MoE++ layer: "
+        + ", ".join(f"{f['ms']:.1f} ms at ep={f['ep']} ({f['of_vanilla']:.1%} of the vanilla layer's)" for f in fixed)
+        + ".\n"
     )
-    body = (
-        f"`python bench/all_to_all.py{extra}` on {machine}, {datetime.date.today()}: gloo, one process per ep rank "
-        f"(1 thread each) on one machine, {args.tokens} tokens per rank, hidden 768 fp32 (3,072 bytes per row), "
-        f"top-2, {args.repeats} alternating vanilla/MoE++ pairs per cell, {describe(reused)}. MB = "
-        "bytes each rank hands to the collectives in one forward, dispatch + combine (its own chunk included; the "
-        "backward moves as much again), mean over ranks; remote MB = the part of it for other ranks; bf16 / fp32 "
-        "bytes = the MoE++ layer's bytes per FFN assignment under bf16 autocast over those in fp32 (same routing); "
-        "ratios = whether bytes ratio x assignments = FFN assignments and bf16 bytes x 2 = fp32 bytes hold exactly "
-        "in integers summed over the ep group; ms = dispatch + combine on a rank, fastest run, mean over ranks; "
-        "time ratio = median over the pairs of MoE++ ms / vanilla ms (the two runs of a pair are back to back, so "
-        "a slow patch of the shared machine hits both), mean over ranks. "
-        "**CPU timings on a 2-core machine shared with other work: indicative only.** NCCL numbers are pending "
-        "(they need a machine with at least 2 GPUs).\n\n"
-        f"{markdown_table(headers, rows)}\n\n"
-        f"Bytes ratio equal to the FFN share of assignments and bf16 bytes equal to half the fp32 bytes, exactly "
-        f"(integers, summed over the ep group): {sum(exact)}/{len(exact)} rows. Time ratio within 10% "
-        f"of the FFN share: {within}/{len(errors)} rows; deviations range {min(errors):+.0%} to {max(errors):+.0%} "
-        f"(mean {sum(errors) / len(errors):+.0%}). Dispatch + combine of the (8+4) MoE++ layer with no FFN "
-        f"assignment at all (every assignment on a zero-computation expert; median): {', '.join(fixed)}: the count "
-        "exchange, the host sync that sizes the splits and two empty all-to-alls, a cost per call that adds "
-        "about its share of the vanilla time to every ratio and weighs most on small shares. The rest of the "
-        "deviation is this machine: up to 4 gloo processes on 2 shared cores, and memory. With glibc's default "
-        "allocator (`--default-malloc`) blocks above its mmap threshold (the vanilla layer's, few of MoE++'s) are "
-        "mapped and page-faulted afresh on every call, which pushes ratios the other way, below the share: "
-        "22/30 rows within 10%, deviations -33% .. +8% in a run with glibc's defaults on 2026-11-22 (16384 tokens "
-        "per rank, 9 pairs). The byte counts are the exact result; NCCL times need a machine with at least 2 "
-        "GPUs (NCCL refuses two ranks on one GPU): pending.\n"
-    )
-    print(body)
-    if not args.no_write:
-        write_section("All-to-all (expert parallel dispatch + combine, CPU gloo)", body)
+    numbers = {
+        "backend": "gloo",
+        "tokens_per_rank": args.tokens,
+        "hidden": 768,
+        "dtype": "fp32",
+        "repeats": args.repeats,
+        "host_memory_reused": reused,
+        "cells": cells,
+        "no_ffn_dispatch_combine_ms": fixed,
+    }
+    write_results("all_to_all", numbers, args.out)
 
 
 def overlap_main(args: argparse.Namespace) -> None:
     tokens = args.tokens or 4200
-    rows = []
+    rows, cells = [], []
     for world in args.ep:
-        rows += a2a_overlap.table_rows(world, a2a_overlap.run_ep(world, tokens, args.repeats, not args.default_malloc))
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), torch {torch.__version__}"
-    extra = "".join([f" --tokens {tokens}" * (tokens != 4200), f" --repeats {args.repeats}" * (args.repeats != 9)])
-    body = (
-        f"`python bench/all_to_all.py --overlap{extra}` on {machine}, {datetime.date.today()}: gloo, one process per "
-        f"ep rank (1 thread each), {tokens} tokens per rank, hidden 768 fp32, top-2, tau {a2a_overlap.TAU}, FFN "
-        "experts a pass-through (the layer is routing, the two all-to-alls and the local experts), "
-        f"{args.repeats} alternating pairs. serial = forward + backward with every all-to-all waited for at once "
-        "(`AllToAllDispatcher(overlap=False)`); overlapped = the default, where the zero-computation experts run "
-        "while the dispatch (and its gradient) is in flight and the shared expert while the combine (and its "
-        "gradient) is; ms: fastest run, mean over ranks; overlapped / serial: median over the pairs. local experts "
-        "ms = their forward + backward alone on the same tokens (median); hidden = median over the pairs of "
-        "(serial - overlapped), over local: the share of that work taken off the layer's time (1 = all of it; at "
-        "most what the transfers last). The shared expert is one fine-grained "
-        "expert wide (512). **CPU: gloo moves the rows on its own thread, which competes with the compute for "
-        "the 2 shared cores, so this is a lower bound of what NCCL's separate stream gives; indicative only.**\n\n"
-        f"{markdown_table(a2a_overlap.HEADERS, rows)}\n"
-    )
-    print(body)
-    if not args.no_write:
-        write_section("All-to-all overlap (local experts during the transfers, CPU gloo)", body)
+        res = a2a_overlap.run_ep(world, tokens, args.repeats, not args.default_malloc)
+        rows += a2a_overlap.table_rows(world, res)
+        cells += [{"ep": world, **c} for c in res]
+    title = f"Serial vs overlapped all-to-alls, {tokens} tokens per rank, tau {a2a_overlap.TAU}, {args.repeats} pairs"
+    print_table(title, a2a_overlap.HEADERS, rows)
+    numbers = {"backend": "gloo", "tokens_per_rank": tokens, "tau": a2a_overlap.TAU, "repeats": args.repeats}
+    write_results("all_to_all_overlap", numbers | {"cells": cells}, args.out)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,14 @@
 """Checkpoint save/load seconds and MB/s for a paper preset on CPU (one process), the training stall of an
 asynchronous save vs a synchronous one, and what the shard checksums (checkpoint.verify) add to a save and a load.
-Prints a table and writes the "Checkpoint I/O" section of docs/benchmarks.md.
+Prints a table and writes bench/results/checkpoint_io.json.
 
-    python bench/checkpoint_io.py [--config configs/moepp-0.6b.yaml] [--dir /tmp/moepp-ckpt-bench]
+    python bench/checkpoint_io.py [--config configs/moepp-0.6b.yaml] [--dir /tmp/moepp-ckpt-bench] [--out PATH]
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import shutil
 import sys
 import time
@@ -20,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from bench.report import markdown_table, write_section
+from bench.report import add_out_argument, print_table, write_results
 from model.transformer import Decoder
 from parallel.config import ParallelConfig
 from parallel.mesh import init_parallel
@@ -38,7 +36,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/moepp-0.6b.yaml")
     parser.add_argument("--dir", default="/tmp/moepp-ckpt-bench")
-    parser.add_argument("--no-write", action="store_true", help="print only, leave docs/benchmarks.md alone")
+    add_out_argument(parser)
     args = parser.parse_args()
 
     cfg = load_config(args.config)
@@ -85,20 +83,25 @@ def main() -> None:
     shutil.rmtree(root, ignore_errors=True)
 
     n_params = model.num_params()
-    table = markdown_table(["operation", "seconds", "MB/s", "training stall (s)"], rows)
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
-    body = (
-        f"`python bench/checkpoint_io.py --config {args.config}` on {machine}, {datetime.date.today()}; one process, "
-        f"{n_params / 1e9:.2f}B parameters, model + AdamW state = {size_mb:,.0f} MB on disk "
-        f"(model built in {build_s:.0f} s).\n\n{table}\n\n"
-        "The stall is how long the training loop is blocked: the whole save when synchronous, only the staging "
-        "copy when asynchronous (the write then overlaps training). Shard checksums (`checkpoint.verify: true`, "
-        f"the default) add {hash_s / sync_s:.0%} to a synchronous save and {verify_s / load_s:.0%} to a load "
-        f"(CRC-32 of every file, {os.cpu_count()} threads; each file is read once more)."
+    title = (
+        f"{args.config}: {n_params / 1e9:.2f}B parameters, model + AdamW state = {size_mb:,.0f} MB on disk "
+        f"(model built in {build_s:.0f} s)"
     )
-    print(body)
-    if not args.no_write:
-        write_section(f"Checkpoint I/O ({Path(args.config).stem}, CPU)", body)
+    print_table(title, ["operation", "seconds", "MB/s", "training stall (s)"], rows)
+    numbers = {
+        "config": args.config,
+        "params": n_params,
+        "size_mb": size_mb,
+        "build_s": build_s,
+        "checksum_threads": os.cpu_count(),
+        "save_sync_s": sync_s,
+        "checksums_s": hash_s,
+        "save_async_s": async_total,
+        "save_async_stall_s": stall_s,
+        "load_s": load_s,
+        "verify_s": verify_s,
+    }
+    write_results("checkpoint_io", numbers, args.out)
 
 
 if __name__ == "__main__":

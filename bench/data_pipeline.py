@@ -1,8 +1,8 @@
 """Data pipeline speed: preprocessing MB/s with 1 and 2 workers, loader tokens/s vs training tokens/s (tiny-cpu),
 and preprocessing throughput per input format and tokenizer kind.
 
-    python bench/data_pipeline.py [--data-dir ../shared/data] [--config configs/tiny-cpu.yaml] [--steps 30]
-        [--formats-vocab 8192] [--no-formats]
+    python bench/data_pipeline.py [--data-dir DIR] [--config configs/tiny-cpu.yaml] [--steps 20]
+        [--formats-vocab 8192] [--no-formats] [--out PATH]
 
 Trains a BPE tokenizer of the config's vocabulary size on the *.txt files of --data-dir, preprocesses them into an
 indexed dataset (median of --repeats runs per worker count; wall time including worker start-up), times
@@ -10,9 +10,8 @@ indexed dataset (median of --repeats runs per worker count; wall time including 
 --steps steps. The loader must never be the bottleneck: the table reports loader / training tokens/s. Then
 (bench/preprocess_formats.py) the same documents are converted to .txt/.jsonl/.jsonl.gz/.jsonl.zst/.parquet in a
 temporary folder and preprocessed with a sentencepiece, a tokenizer.json and a .tiktoken tokenizer of
---formats-vocab ids, with 1 and 2 workers. Prints the tables, writes the "Data pipeline" and "Preprocessing by
-input format and tokenizer" sections of docs/benchmarks.md (other sections are kept) and
-docs/benchmarks/data_pipeline.json. Runs in a few minutes on 2 CPU cores; never run by the tests.
+--formats-vocab ids, with 1 and 2 workers. Prints the tables and writes bench/results/data_pipeline.json. Runs in
+a few minutes on 2 CPU cores for a few MB of text; never run by the tests.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -33,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # Only light modules at the top: preprocessing spawns workers, and a spawned worker re-imports this module, so
 # torch (data.loader, train.*) is imported inside the functions that need it.
 from bench import preprocess_formats
-from bench.report import markdown_table, write_json, write_section
+from bench.report import add_out_argument, print_table, write_results
 from data.preprocess import preprocess
 from tools.train_tokenizer import train_tokenizer
 
@@ -86,13 +84,13 @@ def time_training(config: str, overrides: list[str], run_dir: Path) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"), help="folder of *.txt inputs")
     p.add_argument("--config", default="configs/tiny-cpu.yaml")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--formats-vocab", type=int, default=8192, help="vocabulary of the per-format/kind tokenizers")
     p.add_argument("--no-formats", action="store_true", help="skip the per-format/kind preprocessing table")
-    p.add_argument("--no-write", action="store_true", help="print only, leave docs/benchmarks.md alone")
+    add_out_argument(p)
     args = p.parse_args()
     from data.loader import build_data
     from train.config import load_config
@@ -129,7 +127,6 @@ def main() -> None:
         train_tps = time_training(args.config, overrides, run_dir)
         formats = None if args.no_formats else time_formats(inputs, tmp / "formats", args.formats_vocab, args.repeats)
 
-    names = ", ".join(f.name for f in inputs)
     rows = [
         [f"tokenizer training (BPE, vocab {vocab})", f"{tok_seconds:.2f} s for {total_mb:.2f} MB"],
         ["preprocessing, 1 worker", f"{mbs[1]:.2f} MB/s ({busy[1]:.1f} cores busy)"],
@@ -139,25 +136,9 @@ def main() -> None:
         [f"training {Path(args.config).stem} ({args.steps} steps)", f"{train_tps:,.0f} tokens/s"],
         ["loader / training", f"{loader_tps / train_tps:,.0f}x"],
     ]
-    table = markdown_table(["measurement", "result"], rows)
-    print(table)
-    machine = (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, load average {load_before:.1f} "
-        f"at the start (other processes share the cores, so rates are indicative)"
-    )
-    body = (
-        f"`python bench/data_pipeline.py` on {time.strftime('%Y-%m-%d')}: {machine}. Input: {names} "
-        f"({total_mb:.2f} MB). Preprocessing MB/s is input bytes over wall time, median of {args.repeats} runs, "
-        "including the start of the worker processes (spawned, about 0.3 s each), which weighs heavily on a corpus "
-        "this small; 'cores busy' is CPU seconds (main process + workers) over wall seconds, so 2 workers can only "
-        "beat 1 when a second core is actually free. The output is byte-identical for any worker count. The loader "
-        "figure is one process assembling whole global batches from the memory-mapped dataset; training tokens/s is "
-        "the median of the logged intervals after the first.\n\n" + table
-    )
+    print_table(f"Data pipeline, {total_mb:.2f} MB of text", ["measurement", "result"], rows)
     results = {
-        "command": " ".join(["python", *sys.argv]),
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": machine_facts(load_before),
+        "load_average_at_start": load_before,
         "versions": library_versions(),
         "inputs": {f.name: f.stat().st_size for f in inputs},
         "pipeline": {
@@ -173,57 +154,32 @@ def main() -> None:
         },
     }
     if formats is not None:
-        cells, differ, formats_table = formats
-        print("\n" + formats_table)
+        cells, differ, (headers, cell_rows) = formats
+        title = (
+            f"Preprocessing by input format and tokenizer ({args.formats_vocab:,} ids): text MB/s / tokens/s, "
+            f"median of {args.repeats}"
+        )
+        print_table(title, headers, cell_rows)
+        same = "identical" if not differ else f"NOT identical ({', '.join(differ)} differ)"
+        print(f"Per tokenizer, the .bin/.idx of every format and worker count: {same}.\n")
         results["preprocessing"] = {
             "vocab_size": args.formats_vocab,
             "repeats": args.repeats,
             "identical_across_formats_and_workers": not differ,
             "cells": preprocess_formats.cells_json(cells),
         }
-    if not args.no_write:
-        write_section("Data pipeline", body)
-        print("wrote the 'Data pipeline' section of docs/benchmarks.md")
-        if formats is not None:
-            write_section("Preprocessing by input format and tokenizer", formats_body(args, machine, formats))
-            print("wrote the 'Preprocessing by input format and tokenizer' section of docs/benchmarks.md")
-        print(f"wrote {write_json('data_pipeline', results).relative_to(ROOT)}")
+    write_results("data_pipeline", results, args.out)
 
 
-def time_formats(inputs: list[Path], out: Path, vocab: int, repeats: int) -> tuple[list, list[str], str]:
-    """(cells, the outputs that differ from the others of their tokenizer, the markdown table)."""
+def time_formats(inputs: list[Path], out: Path, vocab: int, repeats: int) -> tuple[list, list[str], tuple]:
+    """(cells, the outputs that differ from the others of their tokenizer, the table's headers and rows)."""
     out.mkdir()
     shards = preprocess_formats.write_formats(inputs, out)
     tokenizers = preprocess_formats.build_tokenizers(inputs, out, vocab)
     workers = (1, 2)
     cells = preprocess_formats.run_cells(shards, tokenizers, out, workers, repeats)
     differ = preprocess_formats.check_identical(out, cells)
-    return cells, differ, markdown_table(*preprocess_formats.table_rows(cells, workers))
-
-
-def formats_body(args: argparse.Namespace, machine: str, formats: tuple[list, list[str], str]) -> str:
-    _, differ, table = formats
-    same = "identical" if not differ else f"NOT identical ({', '.join(differ)} differ)"
-    return (
-        f"`python bench/data_pipeline.py` on {time.strftime('%Y-%m-%d')}: {machine}. The documents of the input "
-        f"files, as one shard per file in each format; tokenizers of {args.formats_vocab:,} ids trained on them (a "
-        "sentencepiece BPE, a byte-level BPE tokenizer.json, and a .tiktoken file holding that BPE's ranks). Each "
-        f"cell: MB/s of document text (UTF-8) / tokens per second, median of {args.repeats} runs, wall time "
-        f"including the start of the workers. For each tokenizer the .bin/.idx of every format and worker count "
-        f"were {same}. Machine-readable: docs/benchmarks/data_pipeline.json.\n\n" + table
-    )
-
-
-def machine_facts(load_before: float) -> dict:
-    import torch
-
-    return {
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "load_average_at_start": load_before,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
+    return cells, differ, preprocess_formats.table_rows(cells, workers)
 
 
 def library_versions() -> dict[str, str]:

@@ -1,6 +1,6 @@
 """Training tokens/s with document masking on and off, on packed windows (sequence 2048 by default, CPU).
 
-    python bench/document_mask.py [--seq-len 2048] [--pairs 7] [--device cpu|cuda] [--json PATH] [--no-write]
+    python bench/document_mask.py [--seq-len 2048] [--pairs 7] [--device cpu|cuda] [--out PATH]
 
 The model is configs/tiny-cpu.yaml (hidden 128, 4 layers, 4 query / 2 key-value heads, (8+4) experts) at the
 benchmark's sequence length. Windows are cut from a stream of generated documents (random tokens, each document
@@ -13,18 +13,14 @@ same batches: `off` (causal over the whole window), `on` (data.document_mask + r
 with the device's default kernel) and `on, dense mask` (the same with SDPA and a [B, 1, S, S] boolean mask, the
 reference kernel). Every round runs one step of each variant back to back, in a rotating order, on one batch, so
 all of them see the same machine load; the cost of masking is the ratio of the median step times minus one.
-Prints the table, writes the JSON results (--json) and the "Document masking" section of docs/benchmarks.md
-(`--render RESULTS.json` rewrites that section from a results file without measuring).
-Never run by the tests (tests/test_document_mask.py runs it once at a tiny size).
+Prints the table and writes bench/results/document_mask_DEVICE.json. Never run by the tests at this size
+(tests/test_document_mask.py runs it once at a tiny size).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -35,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import torch
 
-from bench.report import markdown_table, write_section
+from bench.report import add_out_argument, print_table, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 EOD = 2
@@ -120,23 +116,7 @@ def measure_case(case: str, args: argparse.Namespace, device: torch.device) -> d
     return {"case": case, "docs_per_window_mean": float(np.mean(docs_per_window)), "variants": rows}
 
 
-def summary(results: list[dict]) -> str:
-    cost = {(r["case"], v["variant"]): v["ratio_of_medians"] - 1 for r in results for v in r["variants"]}
-    parts = [
-        f"{case}: masking {cost[(case, 'on')]:+.1%}, dense mask {cost[(case, 'on, dense mask')]:+.1%}"
-        for case in CASES
-        if (case, "on") in cost
-    ]
-    worst = max(cost[(case, "on")] for case in CASES if (case, "on") in cost)
-    verdict = "less" if worst < 0.10 else "more"
-    return (
-        "Step time against `off`: "
-        + "; ".join(parts)
-        + f". The default kernel costs {verdict} than 10% in the worst case."
-    )
-
-
-def results_table(results: list[dict]) -> str:
+def results_table(results: list[dict]) -> tuple[list[str], list[list[str]]]:
     rows = [
         [
             r["case"],
@@ -152,28 +132,7 @@ def results_table(results: list[dict]) -> str:
         for v in r["variants"]
     ]
     headers = ["documents", "docs/window", "masking", "s/step", "tokens/s", "cost", "cost (paired)", "cost (CPU s)"]
-    return markdown_table(headers, rows)
-
-
-def section_body(record: dict, json_name: str) -> str:
-    """The docs/benchmarks.md section for one run's record (as written to the JSON file)."""
-    cuda = record["device"] == "cuda"
-    kernel = "flex_attention" if cuda else "per-document SDPA calls"
-    return (
-        f"`{record['command']}` on {record['date']}: {record['machine']}, torch {record['torch']}. "
-        f"configs/tiny-cpu.yaml at sequence {record['seq_len']}, {record['windows_per_step']} windows per step in "
-        f"micro-batches of {record['micro_batch']}, {'bf16 autocast' if cuda else 'fp32'}, full training steps "
-        "(forward, backward, AdamW). `on` = data.document_mask + reset_position_ids + eod_mask_loss with the default "
-        f"kernel of model/document_mask.py ({kernel}); `on, dense mask` = the same through SDPA with a [B, 1, S, S] "
-        "boolean mask. web-like documents: lognormal lengths, median 400 tokens, sigma 1.2; one-document: windows "
-        f"without EOD. {record['rounds']} rounds, each one step of every variant back to back on the same batch in "
-        "a rotating order; cost = median step time over the `off` one, minus one (paired: the median of the "
-        "per-round ratios; CPU s: the same with the process's CPU time, which other processes on a shared machine "
-        f"disturb less). Raw numbers: `{json_name}`.\n\n"
-        + results_table(record["results"])
-        + "\n\n"
-        + summary(record["results"])
-    )
+    return headers, rows
 
 
 def main() -> None:
@@ -186,55 +145,29 @@ def main() -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
-    p.add_argument("--json", default=None, help="where to write the results (default bench/results/...)")
-    p.add_argument("--no-write", action="store_true", help="print only: no JSON file, docs/benchmarks.md untouched")
-    p.add_argument("--render", default=None, help="rewrite the docs section from a results JSON file, measure nothing")
+    add_out_argument(p)
     args = p.parse_args()
-    if args.render:
-        record = json.loads(Path(args.render).read_text())
-        write_section(SECTION[record["device"]], section_body(record, _display(Path(args.render))))
-        return
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     load = os.getloadavg()[0]
     results = [measure_case(case, args, device) for case in args.cases]
-    print(results_table(results))
-    where = (
-        torch.cuda.get_device_name()
-        if device.type == "cuda"
-        else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores (shared, load average "
-        f"{load:.1f} at the start), {torch.get_num_threads()} thread(s)"
+    kernel = "flex_attention" if device.type == "cuda" else "per-document SDPA calls"
+    title = (
+        f"Document masking, sequence {args.seq_len}, {args.batch} windows per step, {args.pairs} rounds "
+        f"(`on`: {kernel})"
     )
-    command = "python bench/document_mask.py" + "".join(f" {a}" for a in sys.argv[1:] if a != "--no-write")
-    record = {
-        "command": command,
-        "date": datetime.date.today().isoformat(),
-        "machine": where,
-        "torch": torch.__version__,
+    print_table(title, *results_table(results))
+    numbers = {
         "device": device.type,
+        "load_average_at_start": load,
         "seq_len": args.seq_len,
         "windows_per_step": args.batch,
         "micro_batch": args.micro_batch,
         "rounds": args.pairs,
         "results": results,
     }
-    if args.no_write:
-        return
-    out = Path(args.json or ROOT / "bench" / "results" / f"document_mask_{device.type}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {out}")
-    write_section(SECTION[device.type], section_body(record, _display(out)))
-    print(f"wrote the '{SECTION[device.type]}' section of docs/benchmarks.md")
-
-
-SECTION = {"cpu": "Document masking", "cuda": "Document masking (GPU)"}
-
-
-def _display(path: Path) -> str:
-    path = path.resolve()
-    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+    write_results(f"document_mask_{device.type}", numbers, args.out)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Tokens processed per FFN expert: Expert-Token Resonance (ETR) vs top-k routing at (hopefully) equal quality.
+"""Tokens processed per FFN expert: Expert-Token Resonance (ETR) vs top-k routing, and the quality of each.
 
 The ETR paper (arXiv 2406.00023) reports about 40% fewer tokens processed per expert than top-k routing.
 This trains small vanilla MoE models (no zero-computation experts, no gating residual) on the embedded synthetic
@@ -13,22 +13,20 @@ corpus of configs/tiny-cpu.yaml, same seed, same data and same steps, differing 
 and reports, for each, the final validation loss (dropless, as evaluation always is) and the FFN tokens processed
 per expert per optimizer step: kept FFN assignments / number of FFN experts (mean), and the busiest expert (max),
 averaged over the MoE layers and the last `--window` logged steps, read from the run's metrics.jsonl. Capacity is
-checked on every training micro-batch of every layer (no expert may keep more than C). Prints a table and writes the
-"ETR tokens per expert" section of docs/benchmarks.md.
+checked on every training micro-batch of every layer (no expert may keep more than C). Prints a table and writes
+bench/results/etr_tokens.json.
 
     python bench/etr_tokens.py [--steps 300] [--layers 4] [--window 100] [--quick] [--jobs 2] [--threads 1]
+        [--out PATH]
 
-`--quick` (2 layers, 60 steps, window 20) is a smoke test and does not write docs/benchmarks.md. Run directories
-go to a temporary directory that is removed afterwards (`--keep` prints and keeps it).
+`--quick` (2 layers, 60 steps, window 20) is a smoke test. Run directories go to a temporary directory that is
+removed afterwards (`--keep` prints and keeps it).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -39,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import markdown_table, write_section
+from bench.report import add_out_argument, print_table, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
@@ -250,6 +248,7 @@ def table(results: list[dict]) -> tuple[list[str], list[list[str]]]:
         "busiest vs top-1",
         "dropped",
         "capacity C per micro-batch (max kept / C, whole run)",
+        f"val loss within {MATCH_TOLERANCE:.0%} of top-2",
     ]
     rows = []
     for r in results:
@@ -280,63 +279,24 @@ def table(results: list[dict]) -> tuple[list[str], list[list[str]]]:
                 vs(top1, "tokens_per_expert_max"),
                 f"{r['dropped']:.1%}",
                 cap,
+                "yes" if abs(rel_q) <= MATCH_TOLERANCE else "no",
             ]
         )
     return headers, rows
 
 
-def verdicts(results: list[dict]) -> list[str]:
-    ref = next(r for r in results if r["name"] == REFERENCE)
-    top1 = next((r for r in results if r["name"] == "topk-1"), None)
-    lines = []
+def schedule_rows(results: list[dict]) -> list[list[str]]:
+    """The ETR capacity schedule of each variant that has one: per recomputation step, the range over the layers of
+    the mean chosen affinity delta and of the paper's bound, and the factor chosen."""
+    rows = []
     for r in results:
-        if not r["name"].startswith("etr"):
-            continue
-        rel = r["val_loss"] / ref["val_loss"] - 1
-        matched = abs(rel) <= MATCH_TOLERANCE
-        red_mean = 1 - r["tokens_per_expert_mean"] / ref["tokens_per_expert_mean"]
-        red_max = 1 - r["tokens_per_expert_max"] / ref["tokens_per_expert_max"]
-        text = (
-            f"`{r['name']}`: val loss {r['val_loss']:.4f} vs {ref['val_loss']:.4f} for top-2 ({pct(rel)}): quality "
-            + ("**matched**" if matched else "**not matched**")
-            + f" (tolerance {MATCH_TOLERANCE:.0%}); {red_mean:.0%} fewer tokens per expert than top-2 on average, "
-            f"{red_max:.0%} fewer for the busiest expert"
-        )
-        if top1 is not None:
-            rel1 = r["val_loss"] / top1["val_loss"] - 1
-            text += (
-                f"; vs dropless top-1: val loss {pct(rel1)}, "
-                f"{1 - r['tokens_per_expert_mean'] / top1['tokens_per_expert_mean']:.0%} fewer on average, "
-                f"{1 - r['tokens_per_expert_max'] / top1['tokens_per_expert_max']:.0%} fewer for the busiest expert"
-            )
-        if r["etr_factors"]:
-            text += "; capacity factor by step: " + ", ".join(f"{f:.2f} from step {s}" for s, f in r["etr_factors"])
-        if r["etr_schedule"]:
-            # One entry per recomputation per layer: summarise over the layers.
-            steps = sorted({x["step"] for x in r["etr_schedule"]})
-            parts = []
-            for s in steps:
-                at = [x for x in r["etr_schedule"] if x["step"] == s]
-                lo, hi = min(x["delta"] for x in at), max(x["delta"] for x in at)
-                blo, bhi = min(x["bound"] for x in at), max(x["bound"] for x in at)
-                parts.append(f"step {s}: δ {lo:.3f}-{hi:.3f}, bound {blo:.3g}-{bhi:.3g}")
-            text += " (lower-bound recomputations over the layers: " + "; ".join(parts) + ")"
-        lines.append(text + ".")
-    vals = [r["val_loss"] for r in results]
-    floor = results[0]["loss_floor"]
-    if floor is not None:
-        text = (
-            f"All val losses lie within {max(vals) - min(vals):.4f} nats of each other and {min(vals) - floor:.4f}-"
-            f"{max(vals) - floor:.4f} nats above the corpus's loss floor ({floor:.4f})"
-        )
-        if max(vals) - floor < 0.05:
-            text += (
-                ": the synthetic corpus is close to solved by every router (top-1 as well as top-2), so matched "
-                "quality here is weak evidence that the routers are equally good, and shows no quality/compute "
-                "trade-off"
-            )
-        lines.append(text + ".")
-    return lines
+        for s in sorted({x["step"] for x in r["etr_schedule"]}):
+            at = [x for x in r["etr_schedule"] if x["step"] == s]
+            lo, hi = min(x["delta"] for x in at), max(x["delta"] for x in at)
+            blo, bhi = min(x["bound"] for x in at), max(x["bound"] for x in at)
+            factors = sorted({f"{x['factor']:.2f}" for x in at})
+            rows.append([f"`{r['name']}`", str(s), f"{lo:.3f}-{hi:.3f}", f"{blo:.3g}-{bhi:.3g}", ", ".join(factors)])
+    return rows
 
 
 def main() -> None:
@@ -344,12 +304,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per variant (default 300)")
     parser.add_argument("--layers", type=int, default=None, help="MoE layers (default 4)")
     parser.add_argument("--window", type=int, default=None, help="last logged steps to average (default steps/3)")
-    parser.add_argument("--quick", action="store_true", help="2 layers, 60 steps; smoke test, writes no docs")
+    parser.add_argument("--quick", action="store_true", help="2 layers, 60 steps: a smoke test")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--jobs", type=int, default=2, help="variants trained at once (one process each)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per variant")
     parser.add_argument("--keep", action="store_true", help="keep the run directories and say where")
-    parser.add_argument("--no-write", action="store_true", help="print only, leave docs/benchmarks.md alone")
+    add_out_argument(parser)
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one variant, print JSON
     parser.add_argument("--run-root", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -385,44 +345,28 @@ def main() -> None:
         else:
             shutil.rmtree(root, ignore_errors=True)
     total = time.perf_counter() - start
-    headers, rows = table(results)
     r0 = results[0]
-    extra = " ".join(
-        ["--quick"] * args.quick
-        + [f"--steps {args.steps}"] * (args.steps != (60 if args.quick else 300))
-        + [f"--layers {args.layers}"] * (args.layers != (2 if args.quick else 4))
-        + [f"--window {args.window}"] * (args.window != max(args.steps // 3, 1))
-        + [f"--variants {' '.join(args.variants)}"] * (args.variants != list(VARIANTS))
+    title = (
+        f"{args.layers} MoE layers, {r0['num_ffn_experts']} FFN experts, {args.steps} steps of "
+        f"{r0['tokens_per_step']} tokens, mean over the last {args.window} steps"
     )
-    import torch
-
-    body = (
-        f"`python bench/etr_tokens.py{' ' + extra if extra else ''}` on CPU, {platform.machine()} with "
-        f"{os.cpu_count()} cores (shared with other work), {args.jobs} variant(s) at a time with {args.threads} "
-        f"torch thread(s) each, torch {torch.__version__}, fp32, {datetime.date.today()}; {total / 60:.1f} min in "
-        f"all.\n\nconfigs/tiny-cpu.yaml as a vanilla MoE ({r0['num_ffn_experts']} FFN experts, no zero-computation "
-        f"experts, no gating residual, {args.layers} MoE layers, hidden {r0['hidden']}, expert width "
-        f"{r0['expert_width']}), switch loss 0.01, embedded synthetic corpus (loss floor {r0['loss_floor']:.4f} "
-        f"nats), seed 1234, {args.steps} steps of {r0['tokens_per_step']} tokens ({r0['micro_batches']} "
-        f"micro-batches of {r0['micro_batch_tokens']} tokens; the capacity applies per micro-batch). "
-        "Tokens per expert = kept FFN assignments / FFN experts per optimizer step, from "
-        f"metrics.jsonl (`expert_load`), averaged over the MoE layers and the last {args.window} steps; "
-        "`busiest expert` = the most loaded expert of each layer and step, averaged likewise. The val loss is the "
-        "final evaluation (dropless, as evaluation always is: capacity is training-only), the train loss the mean "
-        f"over the window (with drops). Quality counts as matched within {MATCH_TOLERANCE:.0%} of top-2's val loss. "
-        "The capacity column is checked on every training micro-batch of every layer.\n\n"
-        f"{markdown_table(headers, rows)}\n\n" + "\n".join(f"- {line}" for line in verdicts(results)) + "\n"
-        "- Part of any top-1 vs top-2 reduction is simply k = 1: top-1 halves the assignments before any capacity "
-        "acts; the top-1 columns isolate what ETR's expert choice adds. The paper's about 40% is for Mixtral "
-        "8x7B-shaped models on real data; this tiny synthetic setting does not test that claim at its scale, and "
-        "nothing here was tuned to reach it.\n"
-        "- The `lower_bound` factor exp(d δ²/(2 − δ²)) is at least 1 for any δ, so the schedule can never go below "
-        "factor 1.0 whatever `min_capacity_factor` says, and with d = hidden size it exceeds any practical upper "
-        "clamp unless the mean affinity δ is small (factor 2 needs δ < sqrt(2 ln 2 / d), 0.10 at d = 128)."
-    )
-    print(body)
-    if not args.no_write and not args.quick:
-        write_section("ETR tokens per expert", body)
+    print_table(title, *table(results))
+    schedule = schedule_rows(results)
+    if schedule:
+        headers = ["router", "step", "mean affinity δ", "bound exp(d δ²/(2 − δ²))", "capacity factor"]
+        print_table("Lower-bound capacity schedule (range over the MoE layers)", headers, schedule)
+    numbers = {
+        "steps": args.steps,
+        "layers": args.layers,
+        "window": args.window,
+        "jobs": args.jobs,
+        "threads_per_variant": args.threads,
+        "match_tolerance": MATCH_TOLERANCE,
+        "reference": REFERENCE,
+        "seconds": total,
+        "variants": results,
+    }
+    write_results("etr_tokens", numbers, args.out)
 
 
 if __name__ == "__main__":

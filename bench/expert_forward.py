@@ -1,8 +1,9 @@
 """Forward time of one MoE++ layer vs the vanilla MoE layer with the same FFN experts, at the paper's shapes
 (hidden 768, FFN 2048; (8+4), (16+4), (32+8)) for tau in {0.1, 0.25, 0.5, 0.75, 1.0}, plus a trained checkpoint's
-routing replayed on the (8+4) layer. Prints a table and writes the "Expert forward" section of docs/benchmarks.md.
+routing replayed on the (8+4) layer. Prints the tables and writes bench/results/expert_forward_DEVICE.json.
 
     python bench/expert_forward.py [--tokens 16384] [--repeats 5] [--checkpoint DIR] [--profile] [--default-malloc]
+        [--device auto|cpu|cuda] [--out PATH]
 
 Routing is controlled (bench/routing.py): the MoE++ layer gets exactly the FFN share that tau gives at balance,
 N_ffn*tau / (N_ffn*tau + N_zc), spread evenly over experts; the vanilla layer sends every assignment to its (evenly
@@ -15,9 +16,6 @@ process keeps freed memory for reuse as a caching allocator does (bench/allocato
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import statistics
 import sys
 import time
@@ -29,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import torch
 
-from bench.allocator import describe, reuse_freed_memory
-from bench.report import markdown_table, write_section
+from bench.allocator import reuse_freed_memory
+from bench.report import add_out_argument, print_table, write_results
 from bench.routing import SHAPES, TAUS, LayerPair, balanced_assignments, build_pair, control, ffn_share
 from model.moe import MoELayer
 
@@ -68,8 +66,8 @@ class Timing:
 
 def compare(pair: LayerPair, x: torch.Tensor, prev: torch.Tensor, repeats: int) -> Timing:
     """One warm-up each, then `repeats` back-to-back (vanilla, MoE++) pairs. The speed-up is the median of the
-    per-pair ratios: the load of this shared machine drifts over minutes (vanilla alone drifted 2.4 s -> 3.2 s over
-    one shape's sweep), and both runs of a pair see the same load, so their ratio does not drift."""
+    per-pair ratios: the load of a shared machine can drift over minutes, and both runs of a pair see the same load,
+    so their ratio does not drift."""
     forward_ms(pair.vanilla, x, None)
     forward_ms(pair.moepp, x, prev)
     van, pp, share = [], [], 0.0
@@ -93,6 +91,20 @@ def row(label: str, tau: str, t: Timing) -> list[str]:
         f"{bound:.2f}x",
         f"{speedup / bound:.3f}",
     ]
+
+
+def record(label: str, tau: str, t: Timing) -> dict:
+    """One table row as numbers, for the results file."""
+    return {
+        "layer": label,
+        "tau": tau,
+        "ffn_share": t.share,
+        "vanilla_ms": t.van_ms,
+        "moepp_ms": t.pp_ms,
+        "speedup": t.speedup,
+        "ideal": 1 / t.share,
+        "efficiency": t.speedup * t.share,
+    }
 
 
 def checkpoint_routing(step_dir: Path, num_tokens: int) -> tuple[list[np.ndarray], str]:
@@ -141,9 +153,9 @@ def checkpoint_routing(step_dir: Path, num_tokens: int) -> tuple[list[np.ndarray
     return [np.resize(r.numpy(), (num_tokens, r.shape[1])) for r in routes], desc
 
 
-def expert_ms_per_row(rows: list[int], repeats: int, device: torch.device) -> list[list[str]]:
-    """One SwiGLU expert (768 -> 2x2048 -> 768) over M rows: ms and microseconds per row. Explains efficiency at
-    small FFN shares: fewer rows per expert run the GEMMs less efficiently."""
+def expert_ms_per_row(rows: list[int], repeats: int, device: torch.device) -> list[dict]:
+    """One SwiGLU expert (768 -> 2x2048 -> 768) over M rows: ms, microseconds per row and GFLOP/s. Explains
+    efficiency at small FFN shares: fewer rows per expert run the GEMMs less efficiently."""
     from model.experts import FFNExperts
 
     experts = FFNExperts(1, 768, 2048).to(device)
@@ -159,17 +171,20 @@ def expert_ms_per_row(rows: list[int], repeats: int, device: torch.device) -> li
             x = torch.randn(m, 768, device=device)
             run(x, m)
             best = min(_time(lambda x=x, m=m: run(x, m)) for _ in range(repeats))
-            out.append([str(m), f"{best * 1e3:.1f}", f"{best / m * 1e6:.0f}", f"{6 * 768 * 2048 * m / best / 1e9:.0f}"])
+            out.append(
+                {"rows": m, "ms": best * 1e3, "us_per_row": best / m * 1e6, "gflops": 6 * 768 * 2048 * m / best / 1e9}
+            )
     return out
 
 
-def rows_per_expert(num_tokens: int, top_k: int = 2) -> str:
-    """'name vanilla/MoE++' rows per FFN expert at tau 0.1, for the text under the tables."""
-    parts = []
+def rows_per_expert(num_tokens: int, top_k: int = 2) -> list[dict]:
+    """Rows each FFN expert gets at tau 0.1 in the vanilla and the MoE++ layer, per shape."""
+    out = []
     for name, n_ffn, n_zero, n_copy, n_const in SHAPES:
         share = ffn_share(0.1, n_ffn, n_zero + n_copy + n_const)
-        parts.append(f"{name} {num_tokens * top_k // n_ffn} / {round(num_tokens * top_k * share / n_ffn)}")
-    return ", ".join(parts)
+        van, pp = num_tokens * top_k // n_ffn, round(num_tokens * top_k * share / n_ffn)
+        out.append({"layer": name, "tokens": num_tokens, "vanilla": van, "moepp": pp})
+    return out
 
 
 def _time(fn) -> float:
@@ -178,7 +193,7 @@ def _time(fn) -> float:
     return time.perf_counter() - t
 
 
-def profile(name: str, pair: LayerPair, x: torch.Tensor, prev: torch.Tensor, share: float) -> list[list[str]]:
+def profile(name: str, pair: LayerPair, x: torch.Tensor, prev: torch.Tensor, share: float) -> list[dict]:
     """Self CPU time per op (torch.profiler) of the vanilla and the MoE++ forward, fastest of 3 alternating runs
     each. An op's excess = MoE++ time - share x vanilla time: what the MoE++ layer spends beyond the ideal."""
     from torch.profiler import ProfilerActivity
@@ -202,15 +217,18 @@ def profile(name: str, pair: LayerPair, x: torch.Tensor, prev: torch.Tensor, sha
                 )
     van, pp = (min(runs[k], key=lambda d: sum(d.values())) for k in ("vanilla", "moepp"))
     ops = sorted(set(van) | set(pp), key=lambda k: pp.get(k, 0) - share * van.get(k, 0), reverse=True)
-    rows = [
-        [name, "all ops", f"{sum(van.values()):.1f}", f"{share * sum(van.values()):.1f}", f"{sum(pp.values()):.1f}"]
+    totals = [("all ops", sum(van.values()), sum(pp.values()))]
+    return [
+        {"layer": name, "op": op, "vanilla_ms": v, "share_x_vanilla_ms": share * v, "moepp_ms": p}
+        | {"excess_ms": p - share * v}
+        for op, v, p in totals + [(k, van.get(k, 0), pp.get(k, 0)) for k in ops[:5]]
     ]
-    rows += [
-        [name, f"`{k}`", f"{van.get(k, 0):.1f}", f"{share * van.get(k, 0):.1f}", f"{pp.get(k, 0):.1f}"] for k in ops[:5]
-    ]
-    for r in rows:
-        r.append(f"{float(r[4]) - float(r[3]):+.1f}")
-    return rows
+
+
+def profile_row(r: dict) -> list[str]:
+    op = r["op"] if r["op"] == "all ops" else f"`{r['op']}`"
+    nums = (r["vanilla_ms"], r["share_x_vanilla_ms"], r["moepp_ms"])
+    return [r["layer"], op, *(f"{v:.1f}" for v in nums), f"{r['excess_ms']:+.1f}"]
 
 
 def overhead_floor_ms(pair: LayerPair, T: int, repeats: int, device: torch.device) -> float:
@@ -225,9 +243,9 @@ def overhead_floor_ms(pair: LayerPair, T: int, repeats: int, device: torch.devic
 def sweep(
     T: int, repeats: int, shapes: list, taus: list[float], profile_first: bool, device: torch.device
 ) -> tuple[list, list, list]:
-    """Rows of the controlled-routing table, and (if asked) the op profile of each shape at its first tau."""
-    rows, profile_rows = [], []
-    efficiencies = []
+    """Rows of the controlled-routing table (strings, numbers), and (if asked) the op profile of each shape at its
+    first tau."""
+    rows, records, profile_rows = [], [], []
     for name, n_ffn, n_zero, n_copy, n_const in shapes:
         pair = build_pair(n_ffn, n_zero, n_copy, n_const).to(device)
         x = torch.randn(T, 768, device=device)
@@ -238,14 +256,14 @@ def sweep(
             control(pair.moepp, balanced_assignments(T, n_ffn, pair.n_zc, share))
             timing = compare(pair, x, prev, repeats)
             rows.append(row(name, str(tau), timing))
-            efficiencies.append(timing.speedup * timing.share)  # speed-up / (1 / share), unrounded
+            records.append(record(name, str(tau), timing))
             print(f"{name} tau {tau}: {timing}", flush=True)
         if profile_first:
             # After the timings, never between them: a profiled run can leave the next timed runs slower.
             share = ffn_share(taus[0], n_ffn, pair.n_zc)
             control(pair.moepp, balanced_assignments(T, n_ffn, pair.n_zc, share))
             profile_rows += profile(f"{name} tau {taus[0]}", pair, x, prev, share)
-    return rows, profile_rows, efficiencies
+    return rows, records, profile_rows
 
 
 def main() -> None:
@@ -254,16 +272,16 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16384, help="tokens per layer forward")
     parser.add_argument("--small-tokens", type=int, default=4096, help="the smaller step of the second table")
     parser.add_argument("--repeats", type=int, default=5)
-    # One thread: on the shared 2-core machine two threads spin against other work and time 1.5-2.5x slower with
-    # far more spread (measured); one thread gives stable ratios.
+    # One thread: on a machine whose cores are shared with other work, more threads spin against that work and
+    # time slower with far more spread; one thread gives stable ratios.
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     parser.add_argument("--checkpoint", type=Path, default=None, help="trained (8+4) checkpoint to replay")
     parser.add_argument("--profile", action="store_true", help="op profile of every shape at tau 0.1")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--no-write", action="store_true", help="print only, leave docs/benchmarks.md alone")
     parser.add_argument(
         "--default-malloc", action="store_true", help="glibc's defaults instead of reusing freed memory (allocator.py)"
     )
+    add_out_argument(parser)
     args = parser.parse_args()
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     reused = device.type == "cpu" and not args.default_malloc and reuse_freed_memory()
@@ -273,18 +291,17 @@ def main() -> None:
     # The checkpoint first: a bad one should fail before the long sweep, not after it.
     ckpt = checkpoint_routing(args.checkpoint, T) if args.checkpoint is not None else None
     headers = ["layer", "tau", "FFN share", "vanilla ms", "MoE++ ms", "speed-up", "ideal", "efficiency"]
-    rows, profile_rows, effs = sweep(T, args.repeats, SHAPES, TAUS, args.profile, device)
-    vans = [float(r[3]) for r in rows]
+    rows, records, profile_records = sweep(T, args.repeats, SHAPES, TAUS, args.profile, device)
     # Every shape at a quarter of the step: fewer rows per expert, so the small-share GEMMs run further from full
     # speed. Shows how efficiency depends on the step size.
     small_T = args.small_tokens
-    small_rows, _, _ = sweep(small_T, args.repeats, SHAPES, [0.1, 0.25], False, device)
+    small_rows, small_records, _ = sweep(small_T, args.repeats, SHAPES, [0.1, 0.25], False, device)
     floor_pair = build_pair(*SHAPES[0][1:]).to(device)
     floor = overhead_floor_ms(floor_pair, T, args.repeats, device)
     del floor_pair
     per_row = expert_ms_per_row([4096, 2048, 1024, 683, 585, 293, 171, 146, 73], args.repeats, device)
 
-    ckpt_rows, ckpt_desc = [], None
+    ckpt_rows, ckpt_records, ckpt_desc = [], [], None
     if ckpt is not None:
         layers, ckpt_desc = ckpt
         pair = build_pair(*SHAPES[0][1:]).to(device)
@@ -292,86 +309,49 @@ def main() -> None:
         control(pair.vanilla, balanced_assignments(T, 8, 0, 1.0))
         for i, idx in enumerate(layers):
             control(pair.moepp, idx)
-            ckpt_rows.append(row(f"(8+4), routing of MoE layer {i}", "trained", compare(pair, x, prev, args.repeats)))
+            timing = compare(pair, x, prev, args.repeats)
+            label = f"(8+4), routing of MoE layer {i}"
+            ckpt_rows.append(row(label, "trained", timing))
+            ckpt_records.append(record(label, "trained", timing))
 
-    if device.type == "cuda":
-        machine = f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 autocast (grouped GEMM experts)"
-        caveat = ""
-    else:
-        machine = (
-            f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), torch {torch.__version__}, "
-            f"{torch.get_num_threads()} thread(s), fp32, {describe(reused)}"
-        )
-        caveat = (
-            " **CPU timings on a 2-core machine shared with other work: indicative only.** GPU numbers: the "
-            "'Expert forward (GPU)' section, written by a run with --device cuda."
-        )
-    command = "python bench/expert_forward.py" + " ".join(
-        [""]
-        + ([f"--tokens {T}"] if T != 16384 else [])
-        + ([f"--small-tokens {small_T}"] if small_T != 4096 else [])
-        + ([f"--repeats {args.repeats}"] if args.repeats != 5 else [])
-        + ([f"--threads {args.threads}"] if args.threads != 1 else [])
-        + ([f"--device {args.device}"] if args.device != "auto" else [])
-        + ([f"--checkpoint {args.checkpoint}"] if args.checkpoint else [])
-        + (["--profile"] if args.profile else [])
-        + (["--default-malloc"] if args.default_malloc else [])
-    )
-    body = (
-        f"`{command}` on {machine}, {datetime.date.today()}. One layer forward "
-        f"(no gradients) over {T} tokens (8 sequences of the paper's length 2048), hidden 768, FFN 2048 per "
-        f"expert, top-2, {args.repeats} back-to-back vanilla/MoE++ pairs. The MoE++ layer has the gating "
-        f"residual (a layer after the first); the vanilla twin shares its FFN expert weights.{caveat}\n\n"
-        "Controlled routing: FFN share = tau N_ffn / (tau N_ffn + N_zc) exactly (spec §4), evenly spread over "
-        "experts; ideal = 1 / FFN share; efficiency = speed-up / ideal. ms columns: the fastest run of each; "
-        "speed-up: the median over the back-to-back (vanilla, MoE++) pairs of vanilla ms / MoE++ ms (the load of "
-        "this shared machine drifts over minutes; both runs of a pair see the same load).\n\n"
-        f"{markdown_table(headers, rows)}\n\n"
+    effs = [r["efficiency"] for r in records]
+    print_table(f"Controlled routing, {T} tokens per forward, {args.repeats} pairs", headers, rows)
+    print(
         f"Efficiency min {min(effs):.3f}, max {max(effs):.3f} (target >= 0.9 at every tau; "
-        f"{sum(e >= 0.9 for e in effs)}/{len(effs)} cells meet it). "
-        + (
-            ""
-            if device.type == "cuda"
-            else f"Values above 1 are this machine's noise: the vanilla layer's fastest run ranged {min(vans):.0f}-"
-            f"{max(vans):.0f} ms over the sweep for the same work, and paired ratios still move by about 10% run "
-            "to run. "
-        )
-        + "The paper's Table 3 "
-        "(GPU, expert forward): (8+4) +164.5% / +92.7% / +38.2% / +25.2% / +19.1%, (16+4) +111.2% / "
-        "+58.7% / +30.1% / +22.1% / +15.2%, (32+8) +63.5% / +44.3% / +28.3% / +21.8% / +15.7% at tau 0.1 / 0.25 / "
-        "0.5 / 0.75 / 1.0; against the same bound (if its routing sat at the balance share) that is efficiency "
-        "0.44 / 0.64 / 0.69 / 0.75 / 0.79, 0.60 / 0.79 / 0.87 / 0.92 / 0.92 and 0.47 / 0.72 / 0.86 / 0.91 / 0.93: "
-        "on a GPU the fixed cost (router, zero-computation experts, sort; memory-bound kernels and launches) "
-        "weighs far more against the FFN GEMMs than on this CPU.\n\n"
-        f"A smaller step, {small_T} tokens, at the two smallest taus ({args.repeats} pairs, as above):\n\n"
-        f"{markdown_table(headers, small_rows)}\n\n"
-        "Why small FFN shares lose efficiency, more so in a smaller step: one SwiGLU expert (768 -> 2x2048 -> 768) "
-        "costs more per row when it gets fewer rows (GEMM efficiency; each expert streams all of its weights "
-        f"whatever its row count). Rows per expert at {T} tokens, vanilla / MoE++ at tau 0.1: "
-        f"{rows_per_expert(T)}; at {small_T} tokens: {rows_per_expert(small_T)}."
-        f"\n\n{markdown_table(['rows', 'ms', 'us / row', 'GFLOP/s'], per_row)}\n\n"
-        f"Fixed cost of the (8+4) MoE++ layer with no FFN assignment at all (router with gating residual, "
-        f"copy/constant experts, sort, combine): {floor:.1f} ms for {T} tokens."
+        f"{sum(e >= 0.9 for e in effs)}/{len(effs)} cells meet it).\n"
     )
+    print_table(f"Controlled routing, {small_T} tokens per forward", headers, small_rows)
+    expert_rows = rows_per_expert(T) + rows_per_expert(small_T)
+    cells = [[r["layer"], str(r["tokens"]), str(r["vanilla"]), str(r["moepp"])] for r in expert_rows]
+    print_table("Rows per FFN expert at tau 0.1", ["layer", "tokens", "vanilla", "MoE++"], cells)
+    per_row_cells = [
+        [str(r["rows"]), f"{r['ms']:.1f}", f"{r['us_per_row']:.0f}", f"{r['gflops']:.0f}"] for r in per_row
+    ]
+    print_table("One SwiGLU expert (768 -> 2x2048 -> 768)", ["rows", "ms", "us / row", "GFLOP/s"], per_row_cells)
+    print(f"(8+4) MoE++ layer with no FFN assignment: {floor:.1f} ms for {T} tokens.\n")
     if ckpt_rows:
-        body += (
-            f"\n\nTrained routing: the top-2 choices of every MoE layer of {ckpt_desc} ({T} tokens), "
-            "replayed on the (8+4) layer at the paper's shape (same expert layout; the vanilla twin stays evenly "
-            f"loaded).\n\n{markdown_table(headers, ckpt_rows)}"
-        )
-    if profile_rows:
-        prof_headers = ["layer", "op", "vanilla ms", "share x vanilla", "MoE++ ms", "excess ms"]
+        print_table(f"Trained routing of {ckpt_desc}, {T} tokens", headers, ckpt_rows)
+    if profile_records:
         clock = "device" if device.type == "cuda" else "CPU"
-        body += (
-            f"\n\nWhere the MoE++ layer's time goes at tau 0.1 (torch.profiler self {clock} time of one "
-            "forward, fastest of 3 each; excess = MoE++ - share x vanilla, the time beyond the ideal; top 5 ops "
-            "by excess):\n\n"
-            f"{markdown_table(prof_headers, profile_rows)}"
-        )
-    print(body)
-    if not args.no_write:
-        where = "GPU" if device.type == "cuda" else "CPU"
-        write_section(f"Expert forward (MoE++ vs vanilla layer, {where})", body)
+        prof_headers = ["layer", "op", "vanilla ms", "share x vanilla", "MoE++ ms", "excess ms"]
+        title = f"Self {clock} time per op at tau {TAUS[0]} (fastest of 3; top 5 ops by excess)"
+        print_table(title, prof_headers, [profile_row(r) for r in profile_records])
+    numbers = {
+        "device": device.type,
+        "dtype": "bf16 autocast" if device.type == "cuda" else "fp32",
+        "host_memory_reused": reused,
+        "tokens": T,
+        "small_tokens": small_T,
+        "repeats": args.repeats,
+        "controlled": records,
+        "controlled_small": small_records,
+        "rows_per_expert_at_tau_0.1": expert_rows,
+        "expert_ms_per_row": per_row,
+        "no_ffn_layer_ms": floor,
+        "trained_routing": {"checkpoint": ckpt_desc, "cells": ckpt_records} if ckpt_records else None,
+        "profile": profile_records or None,
+    }
+    write_results(f"expert_forward_{device.type}", numbers, args.out)
 
 
 if __name__ == "__main__":

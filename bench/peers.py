@@ -1,8 +1,7 @@
 """Our vanilla MoE layer vs DeepSpeed's `deepspeed.moe.layer.MoE` and megatron-core's `MoELayer`, same shapes, same
-device, same run: forward and forward+backward. Prints a table and writes the "Peers" section of
-docs/benchmarks.md.
+device, same run: forward and forward+backward. Prints a table and writes bench/results/peers_DEVICE.json.
 
-    python bench/peers.py [--tokens 4096] [--repeats 3] [--device auto|cpu|cuda]
+    python bench/peers.py [--tokens 4096] [--repeats 3] [--device auto|cpu|cuda] [--out PATH]
 
 Shapes: hidden 768, SwiGLU experts of width 2048, 8 / 16 / 32 experts, top-2, dropless, one process (ep 1). Every
 implementation gets the same expert weights and the same router weights, so all route identically and compute the
@@ -14,9 +13,7 @@ not installed, or cannot run on this device, is a row saying so (install them wi
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import socket
 import statistics
 import sys
@@ -30,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bench.report import markdown_table, write_section
+from bench.report import add_out_argument, print_table, write_results
 from bench.routing import FFN, HIDDEN, moe_config
 from model.moe import MoELayer
 
@@ -179,7 +176,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU (see bench/expert_forward.py)")
-    parser.add_argument("--no-write", action="store_true", help="print only, leave docs/benchmarks.md alone")
+    add_out_argument(parser)
     args = parser.parse_args()
     name = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -187,7 +184,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     init_world(device)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
-    rows, versions = [], {}
+    rows, cells, versions = [], [], {}
     for n in EXPERT_COUNTS:
         torch.manual_seed(0)
         ours = MoELayer(HIDDEN, moe_config(n, 0, 0, 0), FFN, has_residual=False).to(device)
@@ -220,55 +217,31 @@ def main() -> None:
         for name, impl in impls.items():
             if isinstance(impl, str):
                 rows.append([f"{n}", name, impl, "", "", ""])
+                cells.append({"experts": n, "implementation": name, "unavailable": impl})
                 continue
             # Ratios per round (runs of one round are back to back, so the machine's drifting load cancels), median.
             ratio = [statistics.median(p / o for p, o in zip(times[name][j], ref[j], strict=True)) for j in (0, 1)]
             fwd, fb = min(times[name][0]), min(times[name][1])
             rows.append([f"{n}", name, f"{fwd:.0f}", f"{fb:.0f}", f"{ratio[0]:.2f}", f"{ratio[1]:.2f}"])
+            cells.append(
+                {"experts": n, "implementation": name, "forward_ms": fwd, "forward_backward_ms": fb}
+                | {"peer_over_ours_forward": ratio[0], "peer_over_ours_forward_backward": ratio[1]}
+                | {"forward_ms_all": times[name][0], "forward_backward_ms_all": times[name][1]}
+            )
     for module in ("deepspeed", "megatron.core"):
         try:
             versions[module] = __import__(module, fromlist=["__version__"]).__version__
         except Exception:
             versions[module] = "not installed"
     headers = ["experts", "implementation", "forward ms", "fwd+bwd ms", "peer/ours fwd", "peer/ours fwd+bwd"]
-    where = (
-        f"{torch.cuda.get_device_name()} (bf16 autocast)"
-        if device.type == "cuda"
-        else f"CPU ({platform.machine()}, {os.cpu_count()} cores shared, {torch.get_num_threads()} thread(s)), fp32"
+    precision = "bf16 autocast" if device.type == "cuda" else "fp32"
+    title = (
+        f"One layer, {args.tokens} tokens, {device.type} {precision}, {args.repeats} rounds; ms = fastest run, "
+        "peer/ours = median ratio over the rounds"
     )
-    extra = "".join(
-        [f" --tokens {args.tokens}"] * (args.tokens != 4096)
-        + [f" --repeats {args.repeats}"] * (args.repeats != 3)
-        + [f" --device {args.device}"] * (args.device != "auto")
-    )
-    body = (
-        f"`python bench/peers.py{extra}` on {where}, torch {torch.__version__}, deepspeed {versions['deepspeed']}, "
-        f"megatron-core {versions['megatron.core']}, {datetime.date.today()}. One layer, {args.tokens} tokens, "
-        f"hidden 768, SwiGLU experts of width 2048, top-2, dropless, identical router and expert weights; "
-        f"{args.repeats} rounds after a warm-up, each running every implementation back to back; ms = fastest run. "
-        "`peer/ours` = median over the rounds of the peer's time over ours: > 1 means ours is faster."
-        + (
-            ""
-            if device.type == "cuda"
-            else " **CPU timings on a 2-core machine shared with other work: indicative only.** GPU numbers: the "
-            "'Peers (GPU)' section, written by a run with --device cuda."
-        )
-        + f"\n\n{markdown_table(headers, rows)}\n\n"
-        "DeepSpeed runs with `drop_tokens=False` (capacity = the largest expert's load), `use_rts=False` and "
-        "`top2_2nd_expert_sampling=False` so that it routes like ours; it dispatches with dense one-hot einsums over "
-        "[tokens, experts, capacity] and runs every expert on a capacity-padded block.\n\n"
-        "History: this benchmark found (2026-11-22) that the CPU path of `model/experts.py` indexed `w_up[e]` / "
-        "`w_down[e]` once per expert, so each backward materialised a zero gradient of the whole stacked weight "
-        "(O(E^2)); forward+backward was then 0.66x / 0.49x / 0.18x DeepSpeed's for 8 / 16 / 32 experts. The "
-        "experts then unbound the stacked weights once (measured: 32 experts x 1,024 rows, fwd+bwd 13.1 s -> 0.8 s). "
-        "They are one autograd node (`model.experts.LoopedSwiGLU`) whose forward and "
-        "backward write into preallocated buffers: no stack of the weight gradients (unbind backward), no "
-        "concatenation of row blocks or gate/up halves; which gives the table above."
-    )
-    print(body)
-    if not args.no_write:
-        title = "Peers (vanilla MoE layer vs DeepSpeed and megatron-core)"
-        write_section(title if device.type == "cpu" else "Peers (GPU)", body)
+    print_table(title, headers, rows)
+    numbers = {"device": device.type, "dtype": precision, "tokens": args.tokens, "repeats": args.repeats}
+    write_results(f"peers_{device.type}", numbers | {"versions": versions, "cells": cells}, args.out)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """End-to-end training-step throughput: tokens/s, model TFLOP/s (FLOPs from bench/flops.py, with the FFN experts
 each layer actually used), MFU against the device's dense bf16 peak on a GPU, and peak memory. Prints a table and
-writes the "Training throughput" section of docs/benchmarks.md.
+writes bench/results/train_throughput_DEVICE.json. The FLOP formula is train/flops.py's (docs/benchmarks.md).
 
-    python bench/train_throughput.py [--presets tiny-cpu moepp-0.6b-2layer moe-0.6b-2layer] [--steps 3]
+    python bench/train_throughput.py [--presets tiny-cpu moepp-0.6b-2layer moe-0.6b-2layer] [--steps 3] [--out PATH]
 
 Presets: `tiny-cpu` (configs/tiny-cpu.yaml as is) and `moepp-0.6b-2layer` (configs/moepp-0.6b.yaml with 2 of its 12
 layers, sequences of 256, 4 sequences per step: the paper's 0.6B/(8+4)E layer shapes at a CPU-sized step), and
@@ -15,10 +15,7 @@ corpus); the first steps warm up and are not timed.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
@@ -30,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from bench.flops import flops_per_token, peak_tflops
-from bench.report import markdown_table, write_section
+from bench.report import add_out_argument, print_table, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 # name -> (config file, overrides)
@@ -136,24 +133,6 @@ def fmt_row(r: dict) -> list[str]:
     ]
 
 
-FORMULA = """Model FLOPs per token (forward; a training step counts 3x: backward = 2x forward, no recomputation;
-one multiply-add = 2 FLOPs):
-
-```
-attention     per layer       2*D*(2*H*Dh + 2*G*Dh)  +  2*2*S*H*Dh      projections + QK^T and AV over the full S x S
-dense FFN     per dense layer 2*3*D*F                                   SwiGLU
-router        per MoE layer   2*D*E  (+ 2*E*E gating residual, not in the first MoE layer)
-FFN experts   per MoE layer   n_ffn * 2*3*D*Fe      n_ffn = that layer's measured FFN experts per token
-constant exp. per MoE layer   2*3*D*n_const
-LM head                       2*D*V
-```
-
-(D hidden, H/G query/key-value heads, Dh head dim, S sequence length, F dense width, Fe expert width, E all
-experts, V vocabulary; copy and zero experts cost nothing; attention counts the full S x S matrix as PaLM and
-Megatron do, a causal kernel does about half.) MFU = model FLOP/s / dense bf16 peak: H100 SXM 989.4, H100 PCIe
-756.5, H200 989.4, A100 312 TFLOP/s (`bench/flops.py`)."""
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=DEFAULT_PRESETS, choices=list(PRESETS))
@@ -162,7 +141,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU (see bench/expert_forward.py)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one preset, print JSON
-    parser.add_argument("--no-write", action="store_true", help="print only, leave docs/benchmarks.md alone")
+    add_out_argument(parser)
     args = parser.parse_args()
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if args.one:
@@ -192,32 +171,14 @@ def main() -> None:
         "MFU",
         "peak memory",
     ]
-    where = results[0]["device"]
-    extra = " ".join(
-        [f"--presets {' '.join(args.presets)}"] * (args.presets != DEFAULT_PRESETS)
-        + [f"--steps {args.steps}"] * (args.steps != 3)
-        + [f"--warmup {args.warmup}"] * (args.warmup != 1)
+    precision = "bf16 autocast (the presets' train.dtype)" if device == "cuda" else "fp32"
+    title = (
+        f"Training steps on {results[0]['device']}, {precision}: mean of {args.steps} timed steps after "
+        f"{args.warmup} warm-up steps, synthetic corpus, freshly initialised models"
     )
-    on_gpu = device == "cuda"
-    caveat = (
-        "MFU target: >= 45% on one H100 for the 0.6B/(8+4)E preset."
-        if on_gpu
-        else "**CPU numbers on a 2-core machine shared with other work; GPU numbers (MFU; target >= 45% on one H100 "
-        "for the 0.6B/(8+4)E preset) come from a run with --device cuda.**"
-    )
-    precision = "bf16 autocast (the presets' train.dtype)" if on_gpu else "fp32 on CPU"
-    body = (
-        f"`python bench/train_throughput.py{' ' + extra if extra else ''}` on {where}, {platform.machine()} with "
-        f"{os.cpu_count()} cores, torch {torch.__version__}, {precision}, {datetime.date.today()}; mean of "
-        f"{args.steps} timed steps after {args.warmup} warm-up steps, synthetic corpus, freshly initialised models "
-        "(so routing is that of initialisation). `moepp-0.6b-2layer` = configs/moepp-0.6b.yaml with 2 layers, "
-        "sequences of 256 and 4 sequences per step; `moe-0.6b-2layer` is its vanilla twin; `moepp-0.6b` the full "
-        f"preset with 4 sequences of 2048 per step. {caveat}\n\n"
-        f"{markdown_table(headers, [fmt_row(r) for r in results])}\n\n{FORMULA}"
-    )
-    print(body)
-    if not args.no_write:
-        write_section("Training throughput and MFU" + (" (GPU)" if on_gpu else ""), body)
+    print_table(title, headers, [fmt_row(r) for r in results])
+    numbers = {"device": device, "dtype": precision, "steps": args.steps, "warmup": args.warmup, "presets": results}
+    write_results(f"train_throughput_{device}", numbers, args.out)
 
 
 if __name__ == "__main__":

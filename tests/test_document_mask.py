@@ -5,6 +5,7 @@ other orders); "differ" means a maximum absolute difference above 1e-3.
 """
 
 import contextlib
+import json
 import os
 
 import pytest
@@ -223,16 +224,15 @@ def test_training_run_with_every_document_option(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_benchmark_runs_every_case_and_variant():
+def test_benchmark_runs_every_case_and_variant(tmp_path):
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    benchmarks = root / "docs" / "benchmarks.md"
-    before = benchmarks.read_bytes()
+    out = tmp_path / "document_mask.json"
     proc = subprocess.run(
-        [sys.executable, "bench/document_mask.py", "--seq-len", "512", "--pairs", "1", "--warmup", "0", "--no-write"],
+        [sys.executable, "bench/document_mask.py", "--seq-len", "512", "--pairs", "1", "--warmup", "0", "--out", out],
         cwd=root,
         capture_output=True,
         text=True,
@@ -245,4 +245,6 @@ def test_benchmark_runs_every_case_and_variant():
         (case, variant) for case in ("web-like", "one-document") for variant in ("off", "on", "on, dense mask")
     ]
     assert float(rows[0][1]) > 1.0 and float(rows[3][1]) == 1.0  # documents per window
-    assert benchmarks.read_bytes() == before
+    record = json.loads(out.read_text())
+    assert record["benchmark"] == "document_mask_cpu" and record["seq_len"] == 512
+    assert [r["case"] for r in record["results"]] == ["web-like", "one-document"]
