@@ -1,6 +1,6 @@
 """All-to-all volume and time of dispatch + combine under expert parallelism, MoE++ vs vanilla, at the paper's
 shapes (hidden 768; (8+4), (16+4), (32+8)) and tau in {0.1, 0.25, 0.5, 0.75, 1.0}, for ep = 2 and ep = 4 (gloo
-processes on CPU; NCCL on a GPU machine). Prints a table and writes bench/results/all_to_all.json
+processes on CPU). Prints a table and writes bench/results/all_to_all.json
 (all_to_all_overlap.json with --overlap).
 
     python bench/all_to_all.py [--tokens 16800] [--repeats 9] [--ep 2 4] [--default-malloc] [--out PATH]
