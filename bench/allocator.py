@@ -31,4 +31,3 @@ def reuse_freed_memory() -> bool:
     except (OSError, AttributeError):  # musl, macOS: no mallopt
         return False
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-

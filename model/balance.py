@@ -1,5 +1,5 @@
 """Load-balancing terms a router adds to the loss, and the between-step updates of the aux-loss-free bias and the
-ETR capacity schedule. Formulas: ../shared/spec/moepp.md §3 and ../shared/spec/routers.md.
+ETR capacity schedule. Formulas: arXiv 2410.07348 §3 and docs/architecture.md, "Router family".
 
 Every loss here is a function of per-expert statistics (selection counts f, mean probabilities P, ...) that the
 router has already summed over whatever ranks share its micro-batch; nothing here communicates.

@@ -67,7 +67,7 @@ class ModelConfig:
 @dataclass
 class EtrConfig:
     """Expert-Token Resonance (arXiv 2406.00023): fixed orthogonal GrAP expert vectors, cosine affinity, token choice
-    then expert choice with capacity. Formulas: ../shared/spec/routers.md."""
+    then expert choice with capacity. Formulas: docs/architecture.md, "Router family"."""
 
     # Token choice: each token takes up to moe.top_k experts by affinity (the paper runs top_k 1). With a threshold,
     # it stops at the smallest l whose cumulative affinity (sum of the l best cosines) reaches it.

@@ -97,7 +97,7 @@ def test_idx_bytes_follow_the_megatron_layout(tmp_path):
     )
     assert idx == expected
     # The first 48 bytes as megatron-core 0.16.1's IndexedDatasetBuilder wrote them for the same documents
-    # (xxd transcript in docs/dependencies.md): an independent record of the layout.
+    # (listed in docs/dependencies.md): an independent record of the layout.
     recorded = bytes.fromhex(
         "4d4d49444944580000010000000000000008030000000000000004000000000000000300000002000000040000000000"
     )
