@@ -61,7 +61,7 @@ def choose_layout(moe: MoEConfig, fmt: str) -> tuple[str, list[str]]:
 
 
 def _tokenizer_path(config: dict) -> Path | None:
-    # data.tokenizer is a recent field; older checkpoints have none.
+    # Runs on the synthetic corpus or byte-level text have no data.tokenizer.
     path = (config.get("data") or {}).get("tokenizer")
     return Path(path) if path else None
 
