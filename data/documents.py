@@ -17,12 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from data.errors import DataError, MissingDataError
+
 OnError = Literal["skip", "stop"]
 JSONL_SUFFIXES = (".jsonl", ".json")
 SKIP_HINT = "or skip such records with tools/preprocess_data.py --on-error skip"
 
 
-class BadInput(ValueError):
+class BadInput(DataError):
     """A bad record or an unreadable file met under on_error="stop": one line naming the file."""
 
 
@@ -55,11 +57,11 @@ def check_input_file(path: str | Path) -> Path:
     """Missing, unreadable or empty inputs fail before any work starts, with one line naming the file."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file; check the path")
+        raise MissingDataError(f"{path}: no such file; check the path")
     if not path.is_file():
-        raise ValueError(f"{path}: not a regular file; give a .txt or .jsonl file")
+        raise DataError(f"{path}: not a regular file; give a .txt or .jsonl file")
     if path.stat().st_size == 0:
-        raise ValueError(f"{path}: the file is empty; give a file with at least one document")
+        raise DataError(f"{path}: the file is empty; give a file with at least one document")
     return path
 
 

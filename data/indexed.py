@@ -27,6 +27,8 @@ from types import TracebackType
 
 import numpy as np
 
+from data.errors import DataError, MissingDataError
+
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 # Megatron's DType enum: the code stored in the header for each element type.
@@ -165,24 +167,24 @@ class IndexedDataset:
         ipath, bpath = idx_path(self.prefix), bin_path(self.prefix)
         for p in (ipath, bpath):
             if not p.is_file():
-                raise FileNotFoundError(
+                raise MissingDataError(
                     f"{p}: not found; build the dataset with tools/preprocess_data.py --output-prefix {self.prefix}"
                 )
         size = ipath.stat().st_size
         if size < _HEADER.size:
-            raise ValueError(f"{ipath}: {size} bytes is too short for an index header; rebuild the dataset")
+            raise DataError(f"{ipath}: {size} bytes is too short for an index header; rebuild the dataset")
         raw = np.memmap(ipath, dtype=np.uint8, mode="r")
         magic, version, code, n_seq, n_doc_idx = _HEADER.unpack(bytes(raw[: _HEADER.size]))
         if magic != MAGIC:
-            raise ValueError(f"{ipath}: not a Megatron indexed dataset (bad magic {magic!r}); rebuild the dataset")
+            raise DataError(f"{ipath}: not a Megatron indexed dataset (bad magic {magic!r}); rebuild the dataset")
         if version != VERSION:
-            raise ValueError(f"{ipath}: index version {version} is not supported (only {VERSION})")
+            raise DataError(f"{ipath}: index version {version} is not supported (only {VERSION})")
         if code not in _CODE_TO_DTYPE:
-            raise ValueError(f"{ipath}: unknown dtype code {code}; rebuild the dataset")
+            raise DataError(f"{ipath}: unknown dtype code {code}; rebuild the dataset")
         self.dtype = np.dtype(_CODE_TO_DTYPE[code])
         expected = _HEADER.size + n_seq * (4 + 8) + n_doc_idx * 8
         if len(raw) != expected:
-            raise ValueError(
+            raise DataError(
                 f"{ipath}: {len(raw)} bytes but the header describes {expected}; the index is damaged or from a "
                 "multimodal dataset, rebuild it"
             )
@@ -195,7 +197,7 @@ class IndexedDataset:
         bin_bytes = bpath.stat().st_size
         end = int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self.dtype.itemsize if n_seq else 0
         if end > bin_bytes or bin_bytes % self.dtype.itemsize:
-            raise ValueError(
+            raise DataError(
                 f"{bpath}: {bin_bytes} bytes but {ipath} needs {end}; the dataset is incomplete, rebuild it"
             )
         # An empty .bin cannot be memory-mapped; an empty array stands in for it.

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from data.blend import BlendSchedule
+from data.errors import DataError
 from data.sources import check_token_ids, load_stream, split_by_document
 from data.synthetic import SyntheticCorpus
 
@@ -26,7 +27,7 @@ class WindowDataset:
 
     def __init__(self, tokens: np.ndarray, seq_len: int, name: str = "dataset") -> None:
         if len(tokens) < seq_len + 1:
-            raise ValueError(
+            raise DataError(
                 f"{name}: {len(tokens)} tokens is shorter than one sequence of {seq_len + 1}; "
                 "use more data or a smaller data.seq_len"
             )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from data.errors import MissingPackageError
+
 # The pinned versions (pyproject.toml, extras `data` and `dev`).
 PINS = {
     "sentencepiece": "sentencepiece==0.2.3",
@@ -22,7 +24,7 @@ def import_optional(module: str, needed_for: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise ImportError(
+        raise MissingPackageError(
             f"{package} is not installed; {needed_for} needs it: pip install {PINS[package]} (or pip install -e "
             "'.[data]')"
         ) from None

@@ -24,6 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data.documents import BadInput, OnError, ReadStats
+from data.errors import DataError
 from data.indexed import IndexedDatasetWriter, optimal_dtype
 from data.readers import BadShard, ShardReader, expand_inputs
 from data.tokenizer import Tokenizer, load_tokenizer
@@ -162,9 +163,9 @@ def preprocess(
     """Tokenize `inputs` (files, folders, glob patterns; in order) into PREFIX.bin/.idx. With workers > 1 the
     caller's main module must be import-safe (`if __name__ == "__main__":`), since workers are spawned."""
     if workers < 1:
-        raise ValueError(f"--workers: must be >= 1, got {workers}")
+        raise DataError(f"--workers: must be >= 1, got {workers}")
     if on_error not in ("skip", "stop"):
-        raise ValueError(f"--on-error: {on_error!r}; use skip or stop")
+        raise DataError(f"--on-error: {on_error!r}; use skip or stop")
     paths = expand_inputs(inputs)  # every input is checked before any work starts
     tokenizer = load_tokenizer(tokenizer_path)
     dtype = optimal_dtype(tokenizer.vocab_size)
@@ -199,7 +200,7 @@ def preprocess(
         finally:
             bar.close()
         if writer.num_documents == 0:
-            raise ValueError(
+            raise DataError(
                 f"{', '.join(map(str, paths))}: no documents to tokenize (all empty or skipped as bad records or "
                 "unreadable files); check the input files and --text-key"
             )

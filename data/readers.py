@@ -32,6 +32,7 @@ from data.documents import (
     check_input_file,
     documents_from_lines,
 )
+from data.errors import DataError, MissingDataError
 from data.optional import import_optional
 
 COMPRESSIONS = (".gz", ".zst")
@@ -42,7 +43,7 @@ READ_CHUNK = 1 << 20
 PARQUET_BATCH_ROWS = 1024
 
 
-class BadShard(ValueError):
+class BadShard(DataError):
     """A file that cannot be read to its end; the message names it and the reason."""
 
 
@@ -53,7 +54,7 @@ def shard_format(path: Path) -> tuple[str, str | None]:
     inner = suffixes[-1] if suffixes else ""
     if inner == PARQUET:
         if compression:
-            raise ValueError(f"{path}: a compressed parquet file; decompress it (parquet compresses inside itself)")
+            raise DataError(f"{path}: a compressed parquet file; decompress it (parquet compresses inside itself)")
         return "parquet", None
     return ("jsonl" if inner in JSONL_SUFFIXES else "text"), compression
 
@@ -82,13 +83,11 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
                 and not any(part.startswith(".") for part in p.relative_to(path).parts)
             )
             if not found:
-                raise ValueError(
-                    f"{path}: no .txt, .jsonl, .json (optionally .gz/.zst) or .parquet files in the folder"
-                )
+                raise DataError(f"{path}: no .txt, .jsonl, .json (optionally .gz/.zst) or .parquet files in the folder")
         elif not path.exists() and any(c in text for c in "*?["):
             found = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
             if not found:
-                raise FileNotFoundError(f"{text}: no file matches the pattern; check it (quote it for the shell)")
+                raise MissingDataError(f"{text}: no file matches the pattern; check it (quote it for the shell)")
         else:
             found = [path]
         for p in found:
@@ -96,7 +95,7 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
             shard_format(p)  # a compressed parquet file is refused here, before any work
         files += found
     if not files:
-        raise ValueError("--input: no input files given")
+        raise DataError("--input: no input files given")
     return files
 
 

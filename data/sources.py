@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data.errors import DataError
 from data.indexed import IndexedDataset, normalize_prefix
 from data.text import encode_with_boundaries, is_text_path, read_documents
 
@@ -31,9 +32,9 @@ def load_stream(path: str | Path, jsonl_key: str = "text") -> TokenStream:
     ds = IndexedDataset(path)
     name = normalize_prefix(path)
     if ds.num_documents == 0 or ds.num_tokens == 0:
-        raise ValueError(f"{name}: the indexed dataset has no tokens; rebuild it from non-empty input")
+        raise DataError(f"{name}: the indexed dataset has no tokens; rebuild it from non-empty input")
     if not ds.is_contiguous():
-        raise ValueError(
+        raise DataError(
             f"{name}: sequences are not stored back to back in .bin; rebuild it with tools/preprocess_data.py"
         )
     return TokenStream(name, ds.tokens[: ds.num_tokens], ds.document_token_ends())
@@ -44,12 +45,12 @@ def check_token_ids(stream: TokenStream, vocab_size: int) -> None:
     the memory map; a wrong id would otherwise surface as an IndexError inside the embedding, mid-run)."""
     top = int(stream.tokens.max())
     if top >= vocab_size:
-        raise ValueError(
+        raise DataError(
             f"{stream.name}: holds token id {top} >= model.vocab_size={vocab_size}; set model.vocab_size >= "
             f"{top + 1} or rebuild the dataset with the tokenizer of this model"
         )
     if stream.tokens.dtype.kind == "i" and int(stream.tokens.min()) < 0:
-        raise ValueError(
+        raise DataError(
             f"{stream.name}: holds token id {int(stream.tokens.min())} < 0; the dataset is damaged, rebuild it"
         )
 
@@ -63,7 +64,7 @@ def split_by_document(stream: TokenStream, valid_fraction: float, seq_len: int) 
     window = seq_len + 1
     total = len(stream.tokens)
     if total < 2 * window:
-        raise ValueError(
+        raise DataError(
             f"{stream.name}: {total} tokens is shorter than two sequences of {window} (one to train on, one to "
             "validate); use more data or a smaller data.seq_len"
         )

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from data.documents import check_input_file, iter_documents
+from data.errors import DataError
 
 EOD_ID = 256
 VOCAB_SIZE = 257
@@ -26,7 +27,7 @@ def read_documents(path: str | Path, jsonl_key: str = "text") -> list[str]:
     path = check_input_file(path)
     docs = list(iter_documents(path, jsonl_key, on_error="stop"))
     if not docs:
-        raise ValueError(f"{path}: no documents in the file; give a non-empty .txt or .jsonl file")
+        raise DataError(f"{path}: no documents in the file; give a non-empty .txt or .jsonl file")
     return docs
 
 

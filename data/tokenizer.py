@@ -38,6 +38,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import ClassVar
 
+from data.errors import DataError, MissingDataError
 from data.optional import import_optional
 
 TIKTOKEN_PATTERN = (
@@ -90,13 +91,13 @@ class SentencePieceTokenizer(Tokenizer):
         try:
             self._sp = spm.SentencePieceProcessor(model_file=str(path))
         except RuntimeError:
-            raise ValueError(
+            raise DataError(
                 f"{path}: not a sentencepiece model; pass the .model file written by tools/train_tokenizer.py, or "
                 f"{KINDS_HELP}"
             ) from None
         sp = self._sp
         if sp.eos_id() < 0:
-            raise ValueError(f"{path}: the tokenizer has no eos piece to mark end-of-document; retrain it with eos")
+            raise DataError(f"{path}: the tokenizer has no eos piece to mark end-of-document; retrain it with eos")
         self.vocab_size = sp.get_piece_size()
         self.eos_id = sp.eos_id()
         self.bos_id = sp.bos_id() if sp.bos_id() >= 0 else None
@@ -122,14 +123,14 @@ class HuggingFaceTokenizer(Tokenizer):
         try:
             self._tok = tokenizers.Tokenizer.from_file(str(self.json_file))
         except Exception as e:  # the library raises a bare Exception for any unreadable file
-            raise ValueError(f"{self.json_file}: not a Hugging Face tokenizer.json ({_first_line(e)})") from None
+            raise DataError(f"{self.json_file}: not a Hugging Face tokenizer.json ({_first_line(e)})") from None
         # "</s>" written in a document is text, never the special token (as for the other kinds).
         self._tok.encode_special_tokens = True
         vocab = self._tok.get_vocab(with_added_tokens=True)
         self.vocab_size = max(vocab.values()) + 1
         self.special_tokens = self._special_tokens(vocab, config_file)
         if "eos" not in self.special_tokens:
-            raise ValueError(
+            raise DataError(
                 f"{self.json_file}: no end-of-document token (none of {', '.join(SPECIAL_NAMES['eos'])}); put a "
                 "tokenizer_config.json with eos_token next to a file named tokenizer.json"
             )
@@ -142,7 +143,7 @@ class HuggingFaceTokenizer(Tokenizer):
             try:
                 config = json.loads(config_file.read_text(encoding="utf-8"))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{config_file}: not valid JSON ({e}); fix or remove it") from None
+                raise DataError(f"{config_file}: not valid JSON ({e}); fix or remove it") from None
             found = {}
             for role in SPECIAL_NAMES:
                 token = config.get(f"{role}_token")
@@ -150,7 +151,7 @@ class HuggingFaceTokenizer(Tokenizer):
                 if token is None:
                     continue
                 if token not in vocab:
-                    raise ValueError(f"{config_file}: {role}_token {token!r} is not in {self.json_file.name}")
+                    raise DataError(f"{config_file}: {role}_token {token!r} is not in {self.json_file.name}")
                 found[role] = token
             if "eos" in found:
                 return found
@@ -199,14 +200,12 @@ def load_tiktoken_ranks(path: Path) -> dict[bytes, int]:
         # tiktoken caches every file it reads under its path; the hash makes it re-read a file changed since.
         ranks = load(str(path), expected_hash=hashlib.sha256(data).hexdigest())
     except ValueError as e:
-        raise ValueError(
-            f"{path}: not a tiktoken BPE file (lines of base64 token and rank): {_first_line(e)}"
-        ) from None
+        raise DataError(f"{path}: not a tiktoken BPE file (lines of base64 token and rank): {_first_line(e)}") from None
     if sorted(ranks.values()) != list(range(len(ranks))):
-        raise ValueError(f"{path}: ranks must be 0..{len(ranks) - 1}, each once; renumber the file")
+        raise DataError(f"{path}: ranks must be 0..{len(ranks) - 1}, each once; renumber the file")
     missing = [b for b in range(256) if bytes([b]) not in ranks]
     if missing:
-        raise ValueError(f"{path}: {len(missing)} of the 256 single bytes have no rank (e.g. {missing[0]}); add them")
+        raise DataError(f"{path}: {len(missing)} of the 256 single bytes have no rank (e.g. {missing[0]}); add them")
     return ranks
 
 
@@ -215,7 +214,7 @@ def hf_tokenizer_files(path: Path) -> tuple[Path, Path | None]:
     if path.is_dir():
         json_file = path / "tokenizer.json"
         if not json_file.is_file():
-            raise ValueError(f"{path}: a folder without tokenizer.json; give {KINDS_HELP}")
+            raise DataError(f"{path}: a folder without tokenizer.json; give {KINDS_HELP}")
         config = path / "tokenizer_config.json"
     else:
         json_file, config = path, path.with_name("tokenizer_config.json")
@@ -239,7 +238,7 @@ def tokenizer_kind(path: str | Path) -> str:
 def load_tokenizer(path: str | Path) -> Tokenizer:
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(
+        raise MissingDataError(
             f"{path}: tokenizer not found; train one with tools/train_tokenizer.py or give {KINDS_HELP}"
         )
     return KINDS[tokenizer_kind(path)](path)

@@ -37,8 +37,8 @@ class SlurmConfig:
     """What `python -m launch CONFIG --slurm` puts in the #SBATCH header; null leaves the cluster's default."""
 
     job_name: str | None = None  # null: the config name
-    partition: str | None = None
-    account: str | None = None
+    partition: str | None = None  # #SBATCH --partition
+    account: str | None = None  # #SBATCH --account
     time: str | None = None  # e.g. "24:00:00"
     gpus_per_node: int | None = None  # usually cluster.nproc_per_node on GPU nodes; null requests none
     cpus_per_task: int | None = None  # the one task per node runs torchrun and all its workers
@@ -52,7 +52,9 @@ class SlurmConfig:
 
 @dataclass
 class ClusterConfig:
-    nnodes: int = 1
+    """`cluster:` nodes, processes per node and rendezvous for `python -m launch` (torchrun, Slurm)."""
+
+    nnodes: int = 1  # nodes in the job
     nproc_per_node: int = 1  # one process per GPU (or per CPU worker)
     # null: `--node-rank R`, else the scheduler's environment (SLURM_NODEID, SLURM_PROCID, OMPI_COMM_WORLD_RANK).
     node_rank: int | None = None

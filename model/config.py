@@ -23,18 +23,20 @@ def require(ok: bool, key: str, message: str) -> None:
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 512
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
+    """`model:` the decoder: embedding, attention with RoPE, SwiGLU FFNs, RMSNorm, untied output head."""
+
+    vocab_size: int = 512  # token ids 0..vocab_size-1; must cover the data's tokenizer
+    hidden_size: int = 128  # width of the residual stream (d)
+    num_layers: int = 4  # decoder blocks
+    num_heads: int = 4  # query heads; hidden_size / num_heads is the head width (even, for RoPE)
     # Grouped-query attention: null means as many key/value heads as query heads.
     num_kv_heads: int | None = None
     # Width of the dense SwiGLU FFN (layers that are not MoE) and the default width of each FFN expert.
     ffn_hidden_size: int = 256
-    max_seq_len: int = 128
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
-    init_std: float = 0.02
+    max_seq_len: int = 128  # longest sequence the RoPE tables cover; >= data.seq_len
+    rope_theta: float = 10000.0  # RoPE base frequency
+    norm_eps: float = 1e-6  # RMSNorm epsilon
+    init_std: float = 0.02  # standard deviation of the normal initialisation of every weight matrix
 
     @property
     def kv_heads(self) -> int:
@@ -79,14 +81,16 @@ class EtrConfig:
     # of the token choices since the last update (the paper's bound C_min = (1/E) exp(...) as a share of the tokens;
     # the paper gives no schedule, this one is ours).
     capacity_schedule: Literal["fixed", "lower_bound"] = "fixed"
-    min_capacity_factor: float = 0.5
-    recompute_every: int = 100
+    min_capacity_factor: float = 0.5  # lower_bound schedule: the smallest expert-choice capacity factor
+    recompute_every: int = 100  # lower_bound schedule: steps between capacity factor updates
     # Locality loss weight mu: mu * KL(P || U_local), U_local uniform over the experts on this node (0 = off).
     locality_coeff: float = 0.0
 
 
 @dataclass
 class RouterConfig:
+    """`moe.router:` the routing policy and its options."""
+
     # `moepp`: softmax over FFN + zero-computation experts with the gating residual and the gate conventions below.
     # `topk`: Mixtral-style top-k softmax (no gating residual). `etr`: Expert-Token Resonance (see EtrConfig).
     kind: Literal["moepp", "topk", "etr"] = "moepp"
@@ -97,7 +101,7 @@ class RouterConfig:
     gate_convention: Literal["paper", "release"] = "paper"
     # Divide logits by std(logits)/target_std before the softmax (release option `moe_use_logits_norm`).
     logits_std_norm: bool = False
-    target_std: float = 1.0
+    target_std: float = 1.0  # logits_std_norm only: the standard deviation the logits are scaled to
     # Linear(d, 8N) -> tanh -> Linear(8N, N) instead of Linear(d, N) (release option `moe_2layer_gate`).
     two_layer: bool = False
     etr: EtrConfig = field(default_factory=EtrConfig)
@@ -125,13 +129,15 @@ class BalanceTerm:
 
 @dataclass
 class MoEConfig:
+    """`moe:` the MoE / MoE++ layers: FFN experts, zero-computation experts, routing and balance."""
+
     # Number of FFN experts (N_ffn). 0 turns every layer into a dense SwiGLU FFN.
     num_experts: int = 8
     # Zero-computation experts (MoE++). All three 0 (and gating_residual false) is a vanilla top-k MoE.
     num_zero_experts: int = 1
-    num_copy_experts: int = 1
-    num_constant_experts: int = 2
-    top_k: int = 2
+    num_copy_experts: int = 1  # copy experts: the token passes through unchanged (MoE++)
+    num_constant_experts: int = 2  # constant experts: a learned vector mixed into the token (MoE++)
+    top_k: int = 2  # experts (FFN or zero-computation) each token is routed to
     # Width of each FFN expert; null means model.ffn_hidden_size.
     expert_ffn_hidden_size: int | None = None
     # Layer i is an MoE layer when i % every_n_layers == 0 (Megatron's moe_layer_freq); the others are dense.

@@ -12,12 +12,14 @@ DEFAULT_TIMEOUT_S = 600.0
 
 @dataclass
 class ParallelConfig:
+    """`parallel:` the layout over processes: world = dp x tp x pp, experts over ep ranks."""
+
     tp: int = 1  # tensor parallel (attention heads, dense FFN, vocabulary)
     ep: int = 1  # expert parallel: FFN experts sharded over ep ranks; must divide dp
     pp: int = 1  # pipeline stages
     pp_layers: list[int] | None = None  # decoder blocks per stage, e.g. [3, 2]; null: balanced
     dp: int | None = None  # data parallel; null: WORLD_SIZE / (tp * pp)
-    sequence_parallel: bool = False
+    sequence_parallel: bool = False  # with tp > 1: norms and residuals split over the sequence too (Megatron SP)
     # Seconds any rank waits for the others in a collective, and for a checkpoint's background write, before the
     # run fails (gloo raises; NCCL's watchdog aborts the process) instead of hanging.
     timeout_s: float = DEFAULT_TIMEOUT_S

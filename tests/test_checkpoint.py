@@ -253,17 +253,3 @@ def test_resume_may_change_loss_coefficients_but_not_the_bias_state(tmp_path):
         run(_cfg(tmp_path, "moe.balance=[{kind: heterogeneous}, {kind: aux_free_bias}]"))
     assert "aux_free_bias" in str(e.value) and "\n" not in str(e.value)
     assert read_meta(latest_checkpoint(tmp_path / "checkpoints"))["step"] == 4
-
-
-def test_checkpoint_from_before_moe_balance_still_loads_and_resumes(tmp_path):
-    run(_cfg(tmp_path, "train.exit_at_step=2"))
-    step_dir = latest_checkpoint(tmp_path / "checkpoints")
-    meta_file = step_dir / "meta.json"
-    meta = json.loads(meta_file.read_text())
-    moe = meta["config"]["moe"]
-    moe["balance_coeff"] = moe.pop("balance")[0]["coeff"]  # the meta.json an earlier version wrote
-    meta_file.write_text(json.dumps(meta))
-    cfg = _cfg(tmp_path)
-    load_training_state(step_dir, Decoder(cfg.model, cfg.moe), None, init_parallel(cfg.parallel, "cpu"))
-    run(_cfg(tmp_path, "train.exit_at_step=3"))
-    assert read_meta(latest_checkpoint(tmp_path / "checkpoints"))["step"] == 3

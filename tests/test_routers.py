@@ -324,7 +324,6 @@ def test_decoder_with_every_router_kind_trains_a_step():
         (["moe.router.kind=switchy"], "moe.router.kind"),
         (["moe.router.kind=topk"], "moe.gating_residual"),  # the residual belongs to the moepp router
         (["moe.router.mixtral_gating=true"], "moe.router.mixtral_gating"),
-        (["moe.balance_coeff=0.01"], "moe.balance_coeff"),
         (["moe.balance=[{kind: switch}, {kind: switch}]"], "moe.balance"),
         (["moe.balance=[{kind: nope}]"], "moe.balance[0].kind"),
         (["moe.balance_scope=everything"], "moe.balance_scope"),
@@ -339,8 +338,3 @@ def test_bad_router_config_is_a_one_line_error_naming_the_key(overrides, key):
         load_config(None, overrides)
     message = str(e.value)
     assert message.startswith(key) and "\n" not in message, message
-
-
-def test_renamed_balance_coeff_says_what_replaces_it():
-    with pytest.raises(ConfigError, match=r"moe.balance: \[\{kind: heterogeneous"):
-        load_config(None, ["moe.balance_coeff=0.02"])

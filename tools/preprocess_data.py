@@ -22,6 +22,8 @@ import os
 import sys
 from pathlib import Path
 
+from model.errors import UserError
+
 if __package__ in (None, ""):  # run as a file (python tools/preprocess_data.py): make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             on_error=args.on_error,
             progress=not args.no_progress,
         )
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

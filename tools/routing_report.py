@@ -39,12 +39,13 @@ import torch
 
 from data.text import is_text_path
 from model.config import ModelConfig, MoEConfig
+from model.errors import UserError
 from model.moe import MoELayer
 from model.router import RouterOutput
 from model.transformer import Decoder
 
 
-class ReportError(ValueError):
+class ReportError(UserError):
     """A one-line problem with the inputs (exit code 2)."""
 
 
@@ -86,7 +87,7 @@ def text_tokenizer(data: dict[str, Any], override: str | None) -> TextTokenizer:
 
         try:
             tok = load_tokenizer(model_path)
-        except (FileNotFoundError, ValueError, ImportError) as e:
+        except UserError as e:
             raise ReportError(f"tokenizer: {e}") from None
         if tok.kind != "sentencepiece":  # tokens as their text; no pieces, so no --groups
             return TextTokenizer(

@@ -27,9 +27,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file (python tools/train_tokenizer.py): make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data.errors import DataError
 from data.optional import import_optional
 from data.readers import ShardReader, expand_inputs
 from data.tokenizer import TIKTOKEN_PATTERN, load_tokenizer
+from model.errors import UserError
 
 # sentencepiece drops training "sentences" longer than this many bytes; lines longer than it are cut into pieces.
 MAX_SENTENCE_BYTES = 16384
@@ -95,7 +97,7 @@ def train_tokenizer(
                 minloglevel=2,
             )
         except RuntimeError as e:
-            raise ValueError(f"--vocab-size {vocab_size}: {_sentencepiece_reason(e)}") from None
+            raise DataError(f"--vocab-size {vocab_size}: {_sentencepiece_reason(e)}") from None
         for tmp, suffix in zip(tmp_files, OUTPUT_SUFFIXES, strict=True):
             os.replace(tmp, f"{prefix}{suffix}")
     finally:
@@ -109,7 +111,7 @@ def train_bpe_tokenizer(
 ) -> Path:
     """A byte-level BPE tokenizer.json; returns its path (PREFIX.json)."""
     if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise ValueError(
+        raise DataError(
             f"--vocab-size {vocab_size}: a byte-level BPE needs at least {256 + len(SPECIAL_TOKENS)} (256 bytes + "
             f"{len(SPECIAL_TOKENS)} special tokens)"
         )
@@ -178,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.kind == "bpe":
             if args.max_lines:
-                raise ValueError("--max-lines: sentencepiece only; give --kind bpe fewer input files instead")
+                raise DataError("--max-lines: sentencepiece only; give --kind bpe fewer input files instead")
             path = train_bpe_tokenizer(args.input, args.model_prefix, args.vocab_size, args.text_key)
         else:
             path = train_tokenizer(
@@ -192,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.seed,
             )
         vocab = load_tokenizer(path).vocab_size
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     what = "byte-level BPE" if args.kind == "bpe" else f"sentencepiece {args.model_type}"

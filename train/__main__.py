@@ -1,11 +1,18 @@
-"""`python -m train CONFIG.yaml [dotted.key=value ...]`"""
+"""usage: python -m train CONFIG.yaml [section.key=value ...] [--print-config] [--help]
+
+Trains the model CONFIG.yaml describes (configs/ holds presets); `section.key=value` overrides any key, e.g.
+`train.max_steps=50 parallel.tp=2`. --print-config prints the resolved configuration as YAML and exits;
+--help lists every key with its type, default and meaning."""
 
 from __future__ import annotations
 
 import os
 import sys
 
-from model.config import ConfigError
+from model.errors import UserError
+
+USAGE = __doc__.split("\n\n")[0]
+FLAGS = ("--help", "-h", "--print-config")
 
 
 def _error(message: str) -> int:
@@ -17,16 +24,28 @@ def _error(message: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip() + "\n\nExample: python -m train configs/tiny-cpu.yaml train.max_steps=50")
-        return 0 if argv else 2
-    config_path, overrides = argv[0], argv[1:]
-    from train.config import load_config
+    if "--help" in argv or "-h" in argv:
+        from train.config import Config
+        from train.config_help import render_help
+
+        print(render_help(Config, __doc__.strip()), end="")
+        return 0
+    args = [a for a in argv if a not in FLAGS]
+    unknown = [a for a in args[1:] if a.startswith("-")]
+    if not args or args[0].startswith("-") or unknown:
+        bad = unknown[0] if unknown else (args[0] if args else None)
+        return _error(f"{bad}: unknown option; {USAGE[7:]}" if bad else USAGE)
+    config_path, overrides = args[0], args[1:]
+    from train.config import config_yaml, load_config
 
     try:
         cfg = load_config(config_path, overrides)
-    except ConfigError as e:
+    except UserError as e:
         return _error(f"config error: {e}")
+    if "--print-config" in argv:
+        print(config_yaml(cfg), end="")
+        return 0
+    from model.config import ConfigError
     from parallel.mesh import CollectiveError
     from train.trainer import NonFiniteStateError, run
 
@@ -34,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         run(cfg)
     except ConfigError as e:  # layout checks that need WORLD_SIZE run inside run()
         return _error(f"config error: {e}")
+    except UserError as e:  # bad data, checkpoints or layouts found once the run starts; a bug keeps its traceback
+        return _error(f"error: {e}")
+    except NonFiniteStateError as e:
+        return _error(f"error: {e}")
     except CollectiveError as e:
         # Only the rank that waited knows what it waited for: every such rank prints its line. Then leave at once:
         # a normal exit joins the stuck background writer thread (and a stuck peer never arrives), so it would hang.
@@ -41,11 +64,6 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(1)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        # Bad data or device requests surface as one line; real bugs keep their traceback (other exceptions).
-        if isinstance(e, RuntimeError) and not isinstance(e, NonFiniteStateError) and not str(e).startswith("train."):
-            raise
-        return _error(f"error: {e}")
     _close_process_group()
     return 0
 

@@ -29,6 +29,7 @@ import base64
 import binascii
 import json
 import os
+import pickle
 import shutil
 import signal
 import threading
@@ -60,7 +61,7 @@ from train.checkpoint_safety import (
     referenced_files,
     unpickle_metadata,
 )
-from train.config import build, upgrade_config
+from train.config import build
 
 STEP_PREFIX = "step_"
 META_FILE = "meta.json"
@@ -89,9 +90,9 @@ class SafeFileSystemReader(FileSystemReader):
         try:
             with path.open("rb") as f:
                 metadata = unpickle_metadata(f)
-        except Exception as e:  # only listed classes run on these bytes: any failure is the file's, not a bug
-            cause = str(e).splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"{path}: unreadable DCP metadata ({cause}); pick another step") from None
+        except (pickle.UnpicklingError, OSError) as e:  # unpickle_metadata reports any damaged content this way
+            cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{path}: unreadable DCP metadata ({cause}); pick another step") from e
         if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
             raise CheckpointError(
                 f"{path}: holds a {type(metadata).__name__}, not DCP checkpoint metadata; the checkpoint is damaged, "
@@ -357,7 +358,6 @@ def read_meta(path: Path) -> dict[str, Any]:
                 f"{meta_file}: field {key!r} is missing; the checkpoint is damaged, pick another step"
             )
     _check_meta_types(meta, meta_file)
-    meta["config"] = upgrade_config(meta["config"])
     for section, cls in (("model", ModelConfig), ("moe", MoEConfig)):
         value = meta["config"].get(section, {})
         try:
@@ -475,7 +475,7 @@ def load_training_state(
         cause = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) and e.failures else e
         if isinstance(cause, CheckpointError):
             raise cause from e
-        text = str(cause).strip().splitlines()[0][:200] if str(cause).strip() else ""
+        text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
         raise CheckpointError(f"{path}: cannot be loaded ({type(cause).__name__}: {text}); pick another step") from e
     if optimizer is not None:  # resuming training; a weights-only load leaves the caller's RNG alone
         _set_rng_state(meta.get("rng"))

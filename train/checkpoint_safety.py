@@ -82,7 +82,8 @@ def unpickle_metadata(f: IO[bytes]) -> Any:
     except pickle.UnpicklingError:
         raise
     except Exception as e:
-        raise pickle.UnpicklingError(f"{type(e).__name__}: {str(e)[:200]}") from None
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise pickle.UnpicklingError(f"{type(e).__name__}: {first_line}") from e
 
 
 def check_metadata(metadata: Any, path: Path) -> None:

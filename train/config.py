@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import math
 import os
 import types
@@ -24,6 +25,7 @@ from data.text import VOCAB_SIZE as BYTE_VOCAB_SIZE
 from data.text import is_text_path
 from launch.config import ClusterConfig
 from model.config import ConfigError, ModelConfig, MoEConfig, require
+from model.errors import UserError
 from parallel.config import ParallelConfig
 
 
@@ -33,10 +35,10 @@ class SyntheticConfig:
     tail, so hard and easy tokens are mixed and the loss floor is known exactly."""
 
     # 64 words with tails of up to 6 tokens use at most 449 token ids: within the default model.vocab_size.
-    num_words: int = 64
-    max_tail: int = 6
-    zipf_exponent: float = 1.0
-    num_tokens: int = 1_000_000
+    num_words: int = 64  # distinct words in the corpus
+    max_tail: int = 6  # longest fully determined tail of a word, in tokens
+    zipf_exponent: float = 1.0  # word frequencies follow rank^-zipf_exponent
+    num_tokens: int = 1_000_000  # length of the generated token stream
 
 
 @dataclass
@@ -50,6 +52,8 @@ class DatasetConfig:
 
 @dataclass
 class DataConfig:
+    """`data:` the training corpus, its tokenizer and how documents are packed into windows."""
+
     # null (and no datasets): the embedded synthetic corpus. Otherwise one dataset: an indexed dataset prefix
     # (PREFIX.bin + PREFIX.idx) or a .txt/.jsonl file tokenised byte-level (ids 0..255, end-of-document 256).
     path: str | None = None
@@ -59,8 +63,8 @@ class DataConfig:
     # a .tiktoken file; data/tokenizer.py); when set, its vocabulary is checked against model.vocab_size before
     # training starts, and the Hugging Face export ships it.
     tokenizer: str | None = None
-    jsonl_key: str = "text"
-    seq_len: int = 128
+    jsonl_key: str = "text"  # the field of each .jsonl record that holds its text
+    seq_len: int = 128  # tokens per training window
     # Share of documents (the last ones of each dataset) held out for validation.
     valid_fraction: float = 0.01
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -131,7 +135,7 @@ class DataConfig:
 
             try:
                 return load_tokenizer(self.tokenizer).eod_id
-            except (ValueError, FileNotFoundError, ImportError) as e:
+            except UserError as e:
                 raise ConfigError(f"data.tokenizer: {e}") from e
         return None
 
@@ -192,7 +196,7 @@ class DataConfig:
 
             try:
                 n = tokenizer_vocab_size(self.tokenizer)
-            except (ValueError, FileNotFoundError, ImportError) as e:
+            except UserError as e:
                 raise ConfigError(f"data.tokenizer: {e}") from None
             require(
                 n <= vocab_size,
@@ -223,16 +227,18 @@ def _check_data_path(path: str, key: str) -> None:
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    warmup_steps: int = 20
-    warmup_init_lr: float = 0.0
-    decay: Literal["cosine", "linear", "constant"] = "cosine"
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    clip_grad: float = 1.0  # 0 disables clipping
+    """`optim:` AdamW and the learning-rate schedule."""
+
+    lr: float = 3e-3  # peak learning rate (AdamW), reached after the warmup
+    min_lr: float = 3e-4  # learning rate at train.max_steps
+    warmup_steps: int = 20  # linear warmup from warmup_init_lr to lr
+    warmup_init_lr: float = 0.0  # learning rate of the first warmup step
+    decay: Literal["cosine", "linear", "constant"] = "cosine"  # from lr to min_lr after the warmup
+    weight_decay: float = 0.1  # decoupled (AdamW), on weight matrices only
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW denominator epsilon
+    clip_grad: float = 1.0  # global gradient-norm clipping threshold; 0 disables clipping
 
     def validate(self) -> None:
         require(self.lr > 0, "optim.lr", f"must be positive, got {self.lr}")
@@ -248,15 +254,17 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 300
+    """`train:` steps, batch sizes, device and precision, evaluation, resuming."""
+
+    max_steps: int = 300  # optimizer steps; the learning-rate schedule ends here
     global_batch_size: int = 16  # sequences per optimizer step, across all data-parallel ranks and micro-batches
     micro_batch_size: int = 16  # sequences per forward/backward on one rank
-    seed: int = 1234
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 1234  # seeds the initial weights and the data order
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available, else cpu
     dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     run_dir: str | None = None  # null: runs/<config file name>
     eval_interval: int = 100  # 0 disables evaluation
-    eval_batches: int = 4
+    eval_batches: int = 4  # validation batches per evaluation
     # auto: continue from <checkpoint dir>/latest when there is one; never: start fresh; or a step directory.
     resume: str = "auto"
     # Save at this step and exit, leaving the LR schedule defined by max_steps (Megatron's exit interval).
@@ -292,9 +300,11 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
+    """`checkpoint:` where, how often and how checkpoints are written (torch.distributed.checkpoint)."""
+
     dir: str | None = None  # null: <run_dir>/checkpoints
     interval: int = 0  # steps between checkpoints; 0: only the final one
-    keep_last: int = 2
+    keep_last: int = 2  # completed checkpoints kept; older ones are deleted after a save
     # YAML key `async`: stage tensors and write them in the background (dcp.async_save).
     async_: bool = False
     # Record the size and CRC-32 of every shard in meta.json at save and compare them on load. Costs an extra read
@@ -311,8 +321,8 @@ class WandbConfig:
     """Weights & Biases mirror of metrics.jsonl. wandb is optional: without it (or with mode disabled) the run
     logs to metrics.jsonl only; offline (the default) writes under <run_dir>/wandb and never needs a network."""
 
-    project: str = "moepp"
-    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "moepp"  # wandb project name
+    mode: Literal["offline", "online", "disabled"] = "offline"  # wandb mode; disabled: metrics.jsonl only
     # null: the config's name.
     run_name: str | None = None
 
@@ -322,8 +332,10 @@ class WandbConfig:
 
 @dataclass
 class LoggingConfig:
+    """`logging:` the console line, metrics.jsonl and the optional wandb mirror."""
+
     interval: int = 10  # steps between console lines / metrics.jsonl records
-    progress_bar: bool = True
+    progress_bar: bool = True  # a live progress bar on a terminal (rich); plain lines otherwise
     wandb: WandbConfig = field(default_factory=WandbConfig)
     # Dense bf16 peak TFLOP/s of one device, for MFU; null = the known CUDA devices' (train/flops.py), none on CPU.
     peak_tflops: float | None = None
@@ -413,6 +425,20 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _yaml_keys(value: Any) -> Any:
+    """Python keywords are fields with a trailing underscore (`async_`); YAML spells them without it."""
+    if isinstance(value, dict):
+        return {(k[:-1] if k.endswith("_") else k): _yaml_keys(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_yaml_keys(v) for v in value]
+    return value
+
+
+def config_yaml(cfg: Config) -> str:
+    """The resolved configuration as YAML that `load_config` reads back to an equal Config."""
+    return yaml.safe_dump(_yaml_keys(cfg.to_dict()), sort_keys=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -532,23 +558,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported field type {tp}")  # a bug in the dataclass, not in the YAML
 
 
-# Keys that earlier versions accepted, with what replaces them.
-RENAMED_KEYS = {
-    "moe.balance_coeff": "moe.balance: [{kind: heterogeneous, coeff: VALUE}]",
-}
-
-
-def upgrade_config(data: dict[str, Any]) -> dict[str, Any]:
-    """A config dict saved by an earlier version (a checkpoint's meta.json) in today's keys: moe.balance_coeff
-    becomes moe.balance: [{kind: heterogeneous, coeff}]. YAML written by hand is not upgraded: it gets the one-line
-    error naming the replacement, so the file itself gets fixed."""
-    moe = data.get("moe")
-    if isinstance(moe, dict) and "balance_coeff" in moe:
-        moe = dict(moe)
-        coeff = moe.pop("balance_coeff")
-        moe.setdefault("balance", [{"kind": "heterogeneous", "coeff": coeff}])
-        data = {**data, "moe": moe}
-    return data
+def _closest_hint(key: str, names: list[str], prefix: str) -> str:
+    known = [n[:-1] if n.endswith("_") else n for n in names]
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean {prefix}{close[0]}? (python -m train --help lists every key)"
+    return f"known keys here: {', '.join(known)}"
 
 
 def build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
@@ -559,10 +574,8 @@ def build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     for key, value in data.items():
         if key not in names and f"{key}_" in names:  # Python keywords (`async`) are fields with a trailing _
             key = f"{key}_"
-        if prefix + key in RENAMED_KEYS:
-            raise ConfigError(f"{prefix}{key}: no longer a key; write {RENAMED_KEYS[prefix + key]} instead")
         if key not in names:
-            raise ConfigError(f"{prefix}{key}: unknown key; known keys here: {', '.join(names)}")
+            raise ConfigError(f"{prefix}{key}: unknown key; {_closest_hint(key, names, prefix)}")
         kwargs[key] = _coerce(value, hints[key], prefix + key)
     return cls(**kwargs)
 

@@ -36,14 +36,15 @@ from train.step import StepResult, autocast_context, state_is_finite, train_step
 
 
 class NonFiniteStateError(RuntimeError):
-    """The run ended with a non-finite state, which was not saved; the message names the last good checkpoint."""
+    """The run stopped on non-finite values (a state that was not saved, or too many non-finite steps in a row);
+    the message says which and names the last good checkpoint. Printed as one line by `python -m train`."""
 
 
 def resolve_device_type(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device: cuda requested but no CUDA device is visible; use train.device=cpu")
+        raise ConfigError("train.device: cuda requested but no CUDA device is visible; use train.device=cpu")
     return name
 
 

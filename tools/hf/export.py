@@ -11,8 +11,10 @@ from pathlib import Path
 
 import torch
 
+from data.errors import MissingDataError
 from data.tokenizer import Tokenizer, load_tokenizer
 from model.config import ModelConfig, MoEConfig
+from model.errors import UserError
 from tools.hf import layouts
 from tools.hf.checkpoint_io import ConversionError, load_decoder, resolve_step_dir
 from tools.hf.layouts import MIXTRAL, OWN, RELEASE
@@ -59,7 +61,7 @@ def choose_layout(moe: MoEConfig, fmt: str) -> tuple[str, list[str]]:
 
 
 def _tokenizer_path(config: dict) -> Path | None:
-    # data.tokenizer is a recent field; older checkpoints have none.
+    # Runs on the synthetic corpus or byte-level text have no data.tokenizer.
     path = (config.get("data") or {}).get("tokenizer")
     return Path(path) if path else None
 
@@ -71,9 +73,9 @@ def _load_tokenizer(path: Path | None, notes: list[str]) -> Tokenizer | None:
         return None
     try:
         return load_tokenizer(path)
-    except FileNotFoundError:
+    except MissingDataError:
         notes.append(f"data.tokenizer {path} not found; tokenizer not exported")
-    except (ValueError, ImportError) as e:
+    except UserError as e:
         notes.append(f"data.tokenizer: {e}; tokenizer not exported")
     return None
 
