@@ -264,6 +264,11 @@ class TrainConfig:
     # Steps whose loss or gradient norm is NaN/inf are skipped; this many in a row stop the run.
     max_nonfinite_steps: int = 5
 
+    @property
+    def last_step(self) -> int:
+        """The step this run stops at: exit_at_step when set (it never exceeds max_steps), else max_steps."""
+        return min(self.max_steps, self.exit_at_step or self.max_steps)
+
     def validate(self) -> None:
         require(self.max_steps > 0, "train.max_steps", f"must be positive, got {self.max_steps}")
         if self.exit_at_step is not None:
