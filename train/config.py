@@ -430,6 +430,19 @@ ROPE_BYTES_PER_ENTRY = 24
 SYNTHETIC_BYTES_PER_TOKEN = 64
 
 
+def micro_batches_per_step(cfg: Config, dp: int) -> int:
+    """Micro-batches each data-parallel rank runs per optimizer step; a global batch that dp ranks cannot split
+    into whole micro-batches is a ConfigError. The trainer and the launcher (before any process starts) both ask."""
+    tc = cfg.train
+    per_rank, rest = divmod(tc.global_batch_size, dp)
+    if rest or per_rank % tc.micro_batch_size:
+        raise ConfigError(
+            f"train.global_batch_size: {tc.global_batch_size} is not a multiple of micro_batch_size x dp = "
+            f"{tc.micro_batch_size} x {dp}; pick a global batch divisible by {tc.micro_batch_size * dp}"
+        )
+    return per_rank // tc.micro_batch_size
+
+
 def available_memory_bytes() -> int | None:
     """Memory this machine can still give (Linux MemAvailable), else its physical memory; None when unknown."""
     try:

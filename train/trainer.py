@@ -16,7 +16,6 @@ import yaml
 
 from data.loader import build_data
 from data.packing import DocumentPacking
-from model.config import ConfigError
 from model.dispatch import AllToAllBytes
 from model.errors import UserError
 from model.moe import RoutingStats
@@ -26,7 +25,7 @@ from parallel import parallelize, pipeline_schedule
 from parallel.grads import GradSync
 from parallel.mesh import ParallelContext, init_parallel
 from train.checkpoint import Checkpointer, check_compatible, find_latest, load_training_state, read_meta
-from train.config import Config
+from train.config import Config, micro_batches_per_step
 from train.evaluate import evaluate, evaluate_pipeline
 from train.flops import device_peak_tflops, flops_per_token, tflops_per_device
 from train.metrics import MetricsLogger, format_duration, routing_summary
@@ -45,17 +44,6 @@ def resolve_device_type(name: str) -> str:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device: cuda requested but no CUDA device is visible; use train.device=cpu")
     return name
-
-
-def micro_batches_per_step(cfg: Config, dp: int) -> int:
-    tc = cfg.train
-    per_rank, rest = divmod(tc.global_batch_size, dp)
-    if rest or per_rank % tc.micro_batch_size:
-        raise ConfigError(
-            f"train.global_batch_size: {tc.global_batch_size} is not a multiple of micro_batch_size x dp = "
-            f"{tc.micro_batch_size} x {dp}; pick a global batch divisible by {tc.micro_batch_size * dp}"
-        )
-    return per_rank // tc.micro_batch_size
 
 
 def reduce_for_logging(ctx: ParallelContext, values: torch.Tensor, routing: list[RoutingStats]) -> list[RoutingStats]:
