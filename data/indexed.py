@@ -65,10 +65,6 @@ def normalize_prefix(path: str | Path) -> str:
     return text[:-4] if text.endswith((".bin", ".idx")) else text
 
 
-def dataset_exists(prefix: str | Path) -> bool:
-    return idx_path(prefix).is_file() and bin_path(prefix).is_file()
-
-
 class IndexedDatasetWriter:
     """Streams documents into temporary files; `finalize()` renames them into place, `abort()` removes them.
 

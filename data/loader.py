@@ -68,7 +68,7 @@ class TrainData:
     valid: list[WindowDataset]
     schedule: BlendSchedule
     samplers: list[ShuffledSampler]
-    corpus: SyntheticCorpus | None  # set for the synthetic corpus: knows the loss floor and easy tokens
+    corpus: SyntheticCorpus | None  # set for the synthetic corpus: knows its entropy and easy tokens
     names: list[str] = field(default_factory=list)
 
     def sample(self, position: int) -> np.ndarray:

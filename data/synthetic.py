@@ -43,7 +43,8 @@ class SyntheticCorpus:
 
     @property
     def entropy_per_token(self) -> float:
-        """The loss floor in nats: head entropy spread over the tokens of a word."""
+        """The entropy rate in nats per token: head entropy spread over the tokens of a word. It is the expected
+        cross-entropy of a model that knows the process; one batch's loss scatters around it, also below."""
         p = self.head_probs[self.head_probs > 0]
         return float(-(p * np.log(p)).sum()) / self.mean_word_length
 

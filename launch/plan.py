@@ -7,8 +7,7 @@ from pathlib import Path
 
 from model.config import ConfigError, require
 from parallel.mesh import ParallelDims
-from train.config import Config
-from train.trainer import micro_batches_per_step
+from train.config import Config, micro_batches_per_step
 
 # Where schedulers put a node's index when they start one task per node (first match wins).
 SCHEDULER_NODE_RANK = ("SLURM_NODEID", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK")

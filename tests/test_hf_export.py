@@ -4,6 +4,8 @@ shards, dtype, tokenizer, command line."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -292,3 +294,18 @@ def test_tokenizer_json_kinds_are_exported_with_their_ids(kind, tmp_path):
         ids = tok(text)["input_ids"]
         assert ids == ours.encode([text])[0]
         assert tok.decode(ids, skip_special_tokens=True) == text
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_exported_files_get_the_modes_of_new_files(tmp_path, umask):
+    (model_cfg, moe_cfg), _ = CASES["paper-every2"]
+    save_run(tmp_path / "run", model_cfg, moe_cfg)
+    previous = os.umask(umask)
+    try:
+        export(tmp_path / "run", tmp_path / "hf", log=lambda s: None)
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "hf").iterdir()}
+    assert any(name.endswith(".safetensors") for name in modes)  # the files safetensors itself writes 0600
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask)  # 0644 under 022: the group and others can read
+    assert stat.S_IMODE((tmp_path / "hf").stat().st_mode) == 0o777 & ~umask

@@ -167,6 +167,23 @@ def test_bad_input_is_one_line(capsys, argv, expected):
     assert _one_line_error(capsys, [TWO_NODES, *argv]).startswith(expected)
 
 
+def test_the_launcher_plans_without_importing_the_trainer():
+    # A dry run and a refused batch split: the layout and divisibility checks come from the config modules alone.
+    code = (
+        "import contextlib, io, json, sys; from launch.__main__ import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:\n"
+        f"    assert main([{TWO_NODES!r}, '--dry-run']) == 0\n"
+        f"    assert main([{TWO_NODES!r}, '--dry-run', 'train.global_batch_size=8']) == 2\n"
+        "assert 'is not a multiple of' in err.getvalue(), err.getvalue()\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith('train.'))))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    loaded = set(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert "train.config" in loaded
+    assert not loaded & {"train.trainer", "train.step", "train.checkpoint", "train.evaluate", "train.metrics"}
+
+
 def test_node_rank_comes_from_the_flag_the_config_or_the_scheduler(monkeypatch, capsys):
     cfg = load_config(TWO_NODES)
     env = {"SLURM_NODEID": "1"}

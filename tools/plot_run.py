@@ -3,7 +3,8 @@
     python tools/plot_run.py RUN_DIR [--out DIR]
 
 Writes into RUN_DIR/plots (or --out):
-  training.png              loss (train and validation), learning rate, tokens/s, mean FFN experts per token
+  training.png              loss (train and validation, log scale, with the corpus entropy when known), learning
+                            rate, tokens/s, mean FFN experts per token
   routing_ffn_per_token.png mean FFN experts per token of every MoE layer over steps
   routing_shares.png        share of assignments per expert kind (FFN / constant / copy / zero / dropped) per layer
   routing_load.png          per-expert share of assignments (heatmap: expert x step) per layer
@@ -83,15 +84,67 @@ def _grid(n: int) -> tuple[int, int]:
     return math.ceil(n / cols), cols
 
 
-def plot_training(records: list[dict[str, Any]], path: Path, plt: Any) -> None:
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
-    ax = axes[0, 0]
+def corpus_entropy(records: list[dict[str, Any]]) -> float | None:
+    """The corpus entropy the run logged (the synthetic corpus knows it), or None."""
+    values = series(records, "corpus_entropy")[1]
+    return values[-1] if values else None
+
+
+# The first steps' losses (near ln(vocab)) run off the top of the loss axis, so the rest of the curve is legible.
+SKIP_FIRST_FRACTION = 0.1
+
+
+def loss_axis_limits(records: list[dict[str, Any]]) -> tuple[float, float] | None:
+    """(bottom, top) of the log loss axis: every train and validation loss after the first tenth of the logged
+    steps, and the corpus entropy when known; None when there is nothing positive to draw."""
+    steps, losses = series(records, "loss")
+    val_steps, val = series(records, "val_loss")
+    points = list(zip(steps + val_steps, losses + val, strict=True))
+    if not points:
+        return None
+    first, last = min(s for s, _ in points), max(s for s, _ in points)
+    later = [v for s, v in points if s >= first + SKIP_FIRST_FRACTION * (last - first)]
+    entropy = corpus_entropy(records)
+    values = [v for v in later + ([entropy] if entropy is not None else []) if v > 0]
+    if not values:
+        return None
+    return min(values) / 1.05, max(values) * 1.05
+
+
+def plain_log_formatter() -> Any:
+    """Labels the ticks matplotlib's LogFormatter would label, as plain numbers (0.7, 2, 30, not 7e-01 or 3x10^1)."""
+    from matplotlib.ticker import LogFormatter
+
+    class PlainLogFormatter(LogFormatter):
+        def __call__(self, x: float, pos: int | None = None) -> str:
+            return f"{x:g}" if super().__call__(x, pos) else ""
+
+    return PlainLogFormatter()
+
+
+def draw_loss(ax: Any, records: list[dict[str, Any]]) -> None:
+    """Train and validation loss on a log axis, with the corpus entropy (what a perfect model's expected loss is)
+    as a dashed line when the run logged it."""
     ax.plot(*series(records, "loss"), label="train")
     steps, val = series(records, "val_loss")
     if steps:
         ax.plot(steps, val, "o-", label="validation")
-    ax.set_title("loss (nats/token)")
+    entropy = corpus_entropy(records)
+    if entropy is not None:
+        ax.axhline(entropy, color="black", linestyle="--", linewidth=1, label=f"corpus entropy ({entropy:.3f})")
+    limits = loss_axis_limits(records)
+    if limits is not None:
+        ax.set_yscale("log")
+        ax.set_ylim(*limits)
+        ax.yaxis.set_major_formatter(plain_log_formatter())
+        ax.yaxis.set_minor_formatter(plain_log_formatter())
+    ax.set_title("loss (nats/token, log scale)")
     ax.legend()
+
+
+def plot_training(records: list[dict[str, Any]], path: Path, plt: Any) -> None:
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
+    draw_loss(axes[0, 0], records)
     ax = axes[0, 1]
     ax.plot(*series(records, "lr"))
     ax.set_title("learning rate")

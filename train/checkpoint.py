@@ -215,7 +215,9 @@ class Checkpointer:
             )
             self._pending = (future, tmp, final, meta)
         else:
-            dcp.save(state, storage_writer=writer, no_dist=not self.ctx.distributed)
+            with warnings.catch_warnings():  # DCP warns that no_dist means one process, on every such save
+                warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+                dcp.save(state, storage_writer=writer, no_dist=not self.ctx.distributed)
             self._publish(tmp, final, meta)
         return final
 

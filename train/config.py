@@ -272,6 +272,11 @@ class TrainConfig:
     # Steps whose loss or gradient norm is NaN/inf are skipped; this many in a row stop the run.
     max_nonfinite_steps: int = 5
 
+    @property
+    def last_step(self) -> int:
+        """The step this run stops at: exit_at_step when set (it never exceeds max_steps), else max_steps."""
+        return min(self.max_steps, self.exit_at_step or self.max_steps)
+
     def validate(self) -> None:
         require(self.max_steps > 0, "train.max_steps", f"must be positive, got {self.max_steps}")
         if self.exit_at_step is not None:
@@ -449,6 +454,19 @@ def config_yaml(cfg: Config) -> str:
 # then the int64 stream); both measured.
 ROPE_BYTES_PER_ENTRY = 24
 SYNTHETIC_BYTES_PER_TOKEN = 64
+
+
+def micro_batches_per_step(cfg: Config, dp: int) -> int:
+    """Micro-batches each data-parallel rank runs per optimizer step; a global batch that dp ranks cannot split
+    into whole micro-batches is a ConfigError. The trainer and the launcher (before any process starts) both ask."""
+    tc = cfg.train
+    per_rank, rest = divmod(tc.global_batch_size, dp)
+    if rest or per_rank % tc.micro_batch_size:
+        raise ConfigError(
+            f"train.global_batch_size: {tc.global_batch_size} is not a multiple of micro_batch_size x dp = "
+            f"{tc.micro_batch_size} x {dp}; pick a global batch divisible by {tc.micro_batch_size * dp}"
+        )
+    return per_rank // tc.micro_batch_size
 
 
 def available_memory_bytes() -> int | None:

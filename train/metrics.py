@@ -137,7 +137,8 @@ def start_wandb(
 
 class MetricsLogger:
     """Writes one JSON object per logging interval to metrics.jsonl and one line to the console (above a
-    progress bar when stderr is a terminal), and mirrors each record to wandb when `wandb` says so."""
+    progress bar when stderr is a terminal), and mirrors each record to wandb when `wandb` says so. total_steps is
+    the step the run stops at: the ETA and the progress bar count to it."""
 
     def __init__(
         self,

@@ -16,7 +16,6 @@ import yaml
 
 from data.loader import build_data
 from data.packing import DocumentPacking
-from model.config import ConfigError
 from model.dispatch import AllToAllBytes
 from model.errors import UserError
 from model.moe import RoutingStats
@@ -26,7 +25,7 @@ from parallel import parallelize, pipeline_schedule
 from parallel.grads import GradSync
 from parallel.mesh import ParallelContext, init_parallel
 from train.checkpoint import Checkpointer, check_compatible, find_latest, load_training_state, read_meta
-from train.config import Config
+from train.config import Config, micro_batches_per_step
 from train.evaluate import evaluate, evaluate_pipeline
 from train.flops import device_peak_tflops, flops_per_token, tflops_per_device
 from train.metrics import MetricsLogger, format_duration, routing_summary
@@ -46,17 +45,6 @@ def resolve_device_type(name: str) -> str:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device: cuda requested but no CUDA device is visible; use train.device=cpu")
     return name
-
-
-def micro_batches_per_step(cfg: Config, dp: int) -> int:
-    tc = cfg.train
-    per_rank, rest = divmod(tc.global_batch_size, dp)
-    if rest or per_rank % tc.micro_batch_size:
-        raise ConfigError(
-            f"train.global_batch_size: {tc.global_batch_size} is not a multiple of micro_batch_size x dp = "
-            f"{tc.micro_batch_size} x {dp}; pick a global batch divisible by {tc.micro_batch_size * dp}"
-        )
-    return per_rank // tc.micro_batch_size
 
 
 def reduce_for_logging(ctx: ParallelContext, values: torch.Tensor, routing: list[RoutingStats]) -> list[RoutingStats]:
@@ -122,7 +110,7 @@ def run(cfg: Config) -> dict[str, Any]:
     valid_batches = [b.to(device) for b in data.valid_batches(tc.micro_batch_size, tc.eval_batches)]
     logger = MetricsLogger(
         run_dir,
-        tc.max_steps,
+        tc.last_step,  # the ETA and the progress bar count to the step the run stops at
         start_step,
         cfg.logging.progress_bar,
         ctx.is_logging_rank,
@@ -130,7 +118,7 @@ def run(cfg: Config) -> dict[str, Any]:
         run_config=cfg.to_dict(),
         name=cfg.name,
     )
-    floor = data.corpus.entropy_per_token if data.corpus is not None else None
+    entropy = data.corpus.entropy_per_token if data.corpus is not None else None
     counts = _param_counts(cfg)
     d = ctx.dims
     if resume_note:
@@ -139,7 +127,7 @@ def run(cfg: Config) -> dict[str, Any]:
         f"{cfg.name}: {counts[0] / 1e6:.2f}M parameters ({counts[1] / 1e6:.2f}M active at most), "
         f"{tc.max_steps} steps x {tokens_per_step} tokens on {device}, world {d.world_size} = "
         f"pp {d.pp} x tp {d.tp} x dp {d.dp} (ep {d.ep}), {n_micro} micro-batch(es) of {tc.micro_batch_size} per rank"
-        + (f"; synthetic corpus, loss floor {floor:.4f} nats" if floor is not None else "")
+        + (f"; synthetic corpus, entropy {entropy:.4f} nats/token" if entropy is not None else "")
         + (f"; {describe_documents(documents)}" if documents is not None else "")
         + (f"; resumed from {resume_from} (step {start_step})" if resume_from is not None else "")
     )
@@ -175,7 +163,7 @@ def run(cfg: Config) -> dict[str, Any]:
     record: dict[str, Any] = {}
     nonfinite_in_a_row, skipped_total = 0, 0
     interval_start, interval_steps = time.perf_counter(), 0
-    last_step = tc.exit_at_step or tc.max_steps
+    last_step = tc.last_step
     step = start_step
     try:
         while step < last_step:
@@ -220,7 +208,9 @@ def run(cfg: Config) -> dict[str, Any]:
                     else:
                         shard = (ctx.tp_rank, d.tp) if d.sp else None
                         record.update(evaluate(model, valid_batches, amp, data.corpus, shard, documents))
-                logger.log(record, console=format_line(record, tc.max_steps, floor))
+                if entropy is not None:  # what a perfect model's expected loss is on this corpus (plots draw it)
+                    record["corpus_entropy"] = entropy
+                logger.log(record, console=format_line(record, tc.max_steps, entropy))
                 interval_start, interval_steps = time.perf_counter(), 0
 
             if shutdown.requested(ctx.distributed, device):
@@ -379,11 +369,11 @@ def _param_counts(cfg: Config) -> tuple[int, int]:
     return model.num_params(), model.num_params(active_only=True)
 
 
-def format_line(r: dict[str, Any], max_steps: int, floor: float | None) -> str:
+def format_line(r: dict[str, Any], max_steps: int, entropy: float | None) -> str:
     loss = f"{r['loss']:.4f}" if r["loss"] is not None else "nan"
     parts = [f"step {r['step']:>6}/{max_steps}", f"loss {loss}"]
-    if floor is not None:
-        parts.append(f"(floor {floor:.3f})")
+    if entropy is not None:  # the corpus's entropy rate: a batch's loss can fall below it, the expectation cannot
+        parts.append(f"entropy {entropy:.3f}")
     parts += [f"lr {r['lr']:.2e}", f"tok/s {r['tokens_per_s']:,.0f}"]
     if "tflops" in r:
         parts.append(f"TFLOP/s {r['tflops']:.3g}")

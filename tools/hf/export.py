@@ -4,6 +4,7 @@ safetensors shards with their index, the remote code (MoE++ layouts) and the tok
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -124,6 +125,7 @@ def export(
         files += REMOTE_CODE
     if tokenizer is not None:
         files += export_tokenizer(tokenizer, tmp, mcfg.max_seq_len)
+    give_new_file_modes(tmp)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)  # a half-written export never sits under the requested name
@@ -133,6 +135,17 @@ def export(
         log(note)
     log(f"exported {step_dir} -> {out_dir} ({layout} layout, {dtype_name}, {len(files)} files)")
     return ExportResult(layout, step_dir, files, notes)
+
+
+def give_new_file_modes(folder: Path) -> None:
+    """Give `folder` and everything in it the mode a newly created file or folder gets under the umask (0644 and
+    0755 under the usual 022): safetensors writes its shards 0600, which other users of a shared model folder
+    cannot read, and a copied tokenizer would keep its source's mode."""
+    umask = os.umask(0o022)  # reading the umask means setting it; restored at once (export runs in one thread)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def write_weights(
