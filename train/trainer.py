@@ -16,6 +16,7 @@ import yaml
 
 from data.loader import build_data
 from data.packing import DocumentPacking
+from model.config import ConfigError
 from model.dispatch import AllToAllBytes
 from model.errors import UserError
 from model.moe import RoutingStats
