@@ -40,7 +40,7 @@ import torch
 from data.text import is_text_path
 from model.config import ModelConfig, MoEConfig
 from model.moe import MoELayer
-from model.router import RouterOutput
+from model.routers import RouterOutput
 from model.transformer import Decoder
 
 
