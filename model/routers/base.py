@@ -36,6 +36,8 @@ from model.routers.statistics import BalanceLoss, StepLoad, StepTotals
 
 @dataclass
 class RouterOutput:
+    """A router's decisions for T tokens (K choices each, E experts)."""
+
     # Pre-normalisation logits including this layer's residual term: what the next MoE layer receives. For the
     # etr router, the cosine affinities.
     logits_TE: Tensor
