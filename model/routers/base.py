@@ -6,12 +6,12 @@ the autocast state, because top-k decisions are sensitive to rounding.
 
 One forward, the same for every policy (the steps marked * are the policy's):
 
-    G        = logits*(x, G_prev)                 handed on to the next MoE layer (the gating residual's input)
-    S        = scores*(G)                         what the softmax reads
+    G        = logits*(x, G_prev)                    handed on to the next MoE layer (the gating residual's input)
+    S        = scores*(G)                            what the softmax reads
     p        = softmax(S)
-    idx      = top-k(selection_scores*(G, p) + b)     b: the aux-loss-free bias, which steers the choice only
-    g, taken = gates*(G, S, p, idx)               gate per chosen expert; taken False: not used (ETR threshold)
-    kept     = keep_within_capacity*(idx, g, taken)   training with moe.capacity_factor only; else kept = taken
+    idx      = top-k(selection_scores*(G, p) + b)    b: the aux-loss-free bias, which steers the choice only
+    g, taken = gates*(G, S, p, idx)                  gate per chosen expert; taken False: not used (ETR threshold)
+    kept     = keep_within_capacity*(idx, g, taken)  training with moe.capacity_factor only; else kept = taken
     aux      = sum over moe.balance of coeff * term(statistics of idx and p)
 
 and after every optimizer step `after_step`: the bias moves towards the balanced load of the whole step, and a
