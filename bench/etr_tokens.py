@@ -88,6 +88,8 @@ def install_capacity_probe(log: list[dict]) -> None:
     """Wrap MoELayer.forward (this process only) to record, for every training micro-batch of every MoE layer, the
     largest number of assignments an FFN expert kept and the capacity C the router applied (None: dropless)."""
     from model.moe import MoELayer
+    from model.routers import EtrRouter
+    from model.routers.capacity import capacities
 
     original = MoELayer.forward
 
@@ -98,11 +100,11 @@ def install_capacity_probe(log: list[dict]) -> None:
             ffn = stats.expert_counts_E[: cfg.num_experts]
             capacity = factor = None
             if cfg.capacity_factor is not None:
-                if router.kind == "etr":
-                    factor = router.etr_capacity_factor()
-                    capacity = router.etr_capacity(stats.num_tokens)
+                if isinstance(router, EtrRouter):
+                    factor = router.capacity_factor()
+                    capacity = router.capacity(stats.num_tokens)
                 else:
-                    capacity = int(router.capacities(stats.num_tokens)[0])
+                    capacity = int(capacities(cfg, stats.num_tokens)[0])
             log.append(
                 {
                     "layer": id(self),
@@ -119,12 +121,12 @@ def install_capacity_probe(log: list[dict]) -> None:
 
 
 def install_schedule_probe(log: list[dict]) -> None:
-    """Wrap Router.advance_etr_schedule (this process only) to record, at every recomputation, the mean chosen
+    """Wrap EtrRouter.advance_schedule (this process only) to record, at every recomputation, the mean chosen
     affinity delta, the paper's unclamped bound exp(d delta^2 / (2 - delta^2)) and the factor the router chose."""
     from model.balance import etr_lower_bound_factor
-    from model.router import Router
+    from model.routers import EtrRouter
 
-    original = Router.advance_etr_schedule
+    original = EtrRouter.advance_schedule
 
     def advance(self, affinity_sum, num_choices):
         before = int(self.etr_state[1])
@@ -134,7 +136,7 @@ def install_schedule_probe(log: list[dict]) -> None:
             bound = etr_lower_bound_factor(self.hidden_size, delta)
             log.append({"step": before + 1, "delta": delta, "bound": bound, "factor": float(self.etr_state[0])})
 
-    Router.advance_etr_schedule = advance
+    EtrRouter.advance_schedule = advance
 
 
 def run_variant(name: str, steps: int, layers: int, window: int, run_dir: Path) -> dict:

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from model.config import MoEConfig
 from model.moe import MoELayer
-from model.router import Router
+from model.routers import MoEppRouter
 
 HIDDEN, FFN = 768, 2048  # paper §6: hidden 768, FFN 2048 per expert for 0.6B, 1B and 2B
 # (name, FFN experts, zero, copy, constant): the paper's (8+4), (16+4) and (32+8) layers.
@@ -82,13 +82,13 @@ def logit_offsets(expert_idx_TK: np.ndarray, num_experts: int) -> Tensor:
     return offsets
 
 
-class ControlledRouter(Router):
+class ControlledRouter(MoEppRouter):
     """The real router plus a fixed logit offset that decides its top-k (see the module docstring)."""
 
     offsets_TE: Tensor
 
-    def compute_logits(self, x_TD: Tensor, prev_logits_TE: Tensor | None) -> Tensor:
-        return super().compute_logits(x_TD, prev_logits_TE) + self.offsets_TE
+    def logits(self, x_TD: Tensor, prev_logits_TE: Tensor | None) -> Tensor:
+        return super().logits(x_TD, prev_logits_TE) + self.offsets_TE
 
 
 def control(layer: MoELayer, expert_idx_TK: np.ndarray) -> None:

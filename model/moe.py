@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from model.config import MoEConfig
 from model.dispatch import AllToAllBytes, LocalDispatcher
 from model.experts import ConstantExperts, DenseFFN, FFNExperts, compute_dtype
-from model.router import Router
+from model.routers import build_router
 
 
 @dataclass
@@ -33,6 +33,14 @@ class RoutingStats:
 
 
 class MoELayer(nn.Module):
+    """One MoE++ layer: y = sum over a token's kept assignments of gate * expert(x), plus the shared experts.
+
+    FFN experts are SwiGLU and run behind `dispatcher`; zero experts give 0, copy experts x, constant experts
+    a1 x + a2 v with [a1, a2] = softmax(W_c x), all computed here. `router` (model/routers/, by moe.router.kind)
+    chooses the experts and their gates; has_residual: it adds the previous MoE layer's logits (gating residual).
+    Which ranks hold which experts or tokens is the dispatcher's and the router's comm's business, never this layer's.
+    """
+
     def __init__(self, hidden_size: int, cfg: MoEConfig, ffn_hidden_size: int, has_residual: bool) -> None:
         super().__init__()
         self.cfg = cfg
@@ -40,7 +48,7 @@ class MoELayer(nn.Module):
         self.first_constant = cfg.num_experts
         self.first_copy = self.first_constant + cfg.num_constant_experts
         self.first_zero = self.first_copy + cfg.num_copy_experts
-        self.router = Router(hidden_size, cfg, has_residual)
+        self.router = build_router(hidden_size, cfg, has_residual)
         self.experts = FFNExperts(cfg.num_experts, hidden_size, cfg.expert_ffn_hidden_size or ffn_hidden_size)
         self.constant = ConstantExperts(cfg.num_constant_experts, hidden_size) if cfg.num_constant_experts else None
         # Shared experts see every token unweighted; tensor parallelism shards them like a dense FFN.

@@ -7,7 +7,8 @@ from parallel.mesh import ParallelContext
 
 
 def parallelize(model: Decoder, ctx: ParallelContext) -> Decoder:
-    """Rewrite the plain model in place for ctx's layout: tensor parallel first, then expert parallel."""
+    """Rewrite the plain model in place for ctx's layout: tensor parallel first, then expert parallel, then the
+    routers' communication."""
     from parallel.expert_parallel import apply_expert_parallel
     from parallel.tensor_parallel import apply_tensor_parallel
 
@@ -21,9 +22,9 @@ def parallelize(model: Decoder, ctx: ParallelContext) -> Decoder:
     if ctx.dims.ep > 1:
         apply_expert_parallel(model, ctx.group("ep"))
     if ctx.distributed:
-        from parallel.routing import install_router_hooks
+        from parallel.routing import install_router_comm
 
-        install_router_hooks(model, ctx)
+        install_router_comm(model, ctx)
     return model
 
 

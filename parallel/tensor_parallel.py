@@ -8,15 +8,14 @@ parallelism shards them instead); shared experts are tensor-parallel like a dens
 Without sequence parallelism every tp rank of a data-parallel replica routes all of its tokens (the MoE layer is
 replicated over tp). With sequence parallelism the residual stream, the norms and the MoE layers work on this rank's
 slice of the sequence: attention and dense FFNs all-gather it on the way in and reduce-scatter on the way out, an
-MoE layer simply routes only its local tokens, and its balance statistics are summed over tp so the loss equals the
-single-process one. Gradients of parameters that saw only local tokens are summed over tp by GradSync.
+MoE layer simply routes only its local tokens, and its router's balance statistics are summed over tp
+(parallel/routing.py) so the loss equals the single-process one. Gradients of parameters that saw only local tokens
+are summed over tp by GradSync.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (
@@ -28,7 +27,6 @@ from torch.distributed.tensor.parallel import (
 )
 
 from model.experts import DenseFFN
-from model.moe import MoELayer
 from model.transformer import Decoder
 
 
@@ -84,23 +82,3 @@ def apply_tensor_parallel(model: Decoder, tp_mesh: DeviceMesh, sequence_parallel
                 # The MoE layer takes the local slice of tokens as a plain tensor.
                 plan["ffn_norm"] = SequenceParallel(use_local_output=True)
         parallelize_module(block, tp_mesh, plan)
-    if sequence_parallel:
-        group = tp_mesh.get_group()
-        for layer in model.modules():
-            if isinstance(layer, MoELayer):
-                layer.router.stats_reducer = lambda stats, g=group: SumOverGroup.apply(stats, g)
-
-
-class SumOverGroup(torch.autograd.Function):
-    """All-reduce (sum) whose backward is the identity: every rank computes the same loss from the summed
-    statistics, and each keeps the gradient of its own contribution (summed later over tp with the parameters)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, group: dist.ProcessGroup) -> Tensor:  # type: ignore[override]
-        y = x.clone()
-        dist.all_reduce(y, group=group)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        return grad, None

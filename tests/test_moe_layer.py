@@ -10,6 +10,7 @@ from model.config import MoEConfig, RouterConfig
 from model.dispatch import LocalDispatcher
 from model.experts import ConstantExperts, FFNExperts
 from model.moe import MoELayer
+from model.routers.capacity import capacities, capacity_mask
 
 TOL = dict(atol=1e-6, rtol=1e-5)  # fp32, same operations in a different order
 
@@ -221,7 +222,7 @@ def test_two_layer_router_shape_and_formula():
     first, _, second = layer.router.wg
     assert first.weight.shape == (8 * 8, 8) and second.weight.shape == (8, 64)
     x = torch.randn(3, 8)
-    torch.testing.assert_close(layer.router.compute_logits(x, None), torch.tanh(x @ first.weight.T) @ second.weight.T)
+    torch.testing.assert_close(layer.router.logits(x, None), torch.tanh(x @ first.weight.T) @ second.weight.T)
 
 
 def test_balance_loss_by_hand():
@@ -241,7 +242,7 @@ def test_balance_loss_by_hand():
     p = [1.4 / 4, 1.3 / 4, 1.3 / 4]
     eta = [1.0, 1.0, 0.5]
     expected = sum(e * fi * pi for e, fi, pi in zip(eta, f, p, strict=True))
-    total, terms = router.aux_losses(probs.log(), probs, idx, torch.ones_like(idx, dtype=torch.bool), 1)
+    total, terms = router.balance(probs.log(), probs, idx, torch.ones_like(idx, dtype=torch.bool), 1, router.comm)
     assert terms["heterogeneous"].item() == pytest.approx(expected, rel=1e-6)
     assert total.item() == pytest.approx(0.01 * expected, rel=1e-6)  # the default coefficient
 
@@ -256,20 +257,19 @@ def test_capacity_formula_and_dropping_priority():
         tau=0.75,
         capacity_factor=1.1,
     )
-    layer = MoELayer(16, cfg, ffn_hidden_size=8, has_residual=False)
-    caps = layer.router.capacities(100)
+    caps = capacities(cfg, 100)
     # A = 200, denom = 0.75*8 + 4 = 10: C_ffn = ceil(1.1*0.75*200/10) = 17, C_zc = ceil(1.1*200/10) = 22
     assert caps.tolist() == [17] * 8 + [22] * 4
 
     # 10 tokens, all first choices on expert 0 and all second choices on expert 1: A = 20, denom 10,
     # C_ffn = ceil(1.1*0.75*2) = 2. First choices win over second choices, then earlier tokens.
     idx = torch.stack([torch.zeros(10, dtype=torch.long), torch.ones(10, dtype=torch.long)], dim=1)
-    kept = layer.router.capacity_mask(idx)
+    kept = capacity_mask(idx, cfg)
     assert kept[:, 0].tolist() == [True, True] + [False] * 8
     assert kept[:, 1].tolist() == [True, True] + [False] * 8
     idx[0, 0], idx[0, 1] = 1, 0
     # Queues: expert 0 = [t1..t9 first choices, t0 second choice]; expert 1 = [t0 first, t1..t9 second choices].
-    kept = layer.router.capacity_mask(idx)
+    kept = capacity_mask(idx, cfg)
     assert kept[:, 0].tolist() == [True, True, True] + [False] * 7
     assert kept[:, 1].tolist() == [False, True] + [False] * 8
 

@@ -10,7 +10,9 @@ import torch.nn.functional as F
 
 from model.config import BalanceTerm, ConfigError, EtrConfig, ModelConfig, MoEConfig, RouterConfig
 from model.moe import MoELayer
-from model.router import Router, expert_choice_mask, grap_vectors
+from model.routers import EtrRouter, Router, build_router
+from model.routers.capacity import expert_choice_mask
+from model.routers.etr import grap_vectors
 from model.transformer import Decoder
 from train.config import load_config
 from train.step import after_optimizer_step
@@ -21,10 +23,9 @@ TOL = dict(atol=1e-6, rtol=1e-5)
 def plain_router(cfg: MoEConfig) -> Router:
     """A router whose weight is the identity (D == E): each token's input is its router logits."""
     n = cfg.num_total_experts
-    router = Router(n, cfg, has_residual=False)
-    if router.wg is not None:
-        with torch.no_grad():
-            router.wg.weight.copy_(torch.eye(n))
+    router = build_router(n, cfg, has_residual=False)
+    with torch.no_grad():
+        router.wg.weight.copy_(torch.eye(n))
     return router
 
 
@@ -138,7 +139,7 @@ def test_grap_vectors_are_orthogonal_group_indicators():
 
 def test_etr_affinity_is_cosine_and_threshold_picks_l():
     cfg = etr_cfg(top_k=2, etr=EtrConfig(threshold=0.5))
-    router = Router(8, cfg, has_residual=False)
+    router = EtrRouter(8, cfg)
     assert not list(router.parameters())  # nothing learned
     x = torch.tensor([[3.0, 3.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]])
     route = router(x, None)
@@ -148,7 +149,7 @@ def test_etr_affinity_is_cosine_and_threshold_picks_l():
     # Token 0: best affinity 6/(sqrt(20) sqrt2) = 0.95 >= 0.5, so l = 1; token 1: 2/(2 sqrt2) = 0.71, also l = 1.
     assert route.kept_TK.tolist() == [[True, False], [True, False]]
     assert route.gates_TK[0, 0].item() == pytest.approx(want[0, 0].item(), rel=1e-6) and route.gates_TK[0, 1] == 0
-    high = Router(8, etr_cfg(top_k=2, etr=EtrConfig(threshold=0.9)), has_residual=False)(x, None)
+    high = EtrRouter(8, etr_cfg(top_k=2, etr=EtrConfig(threshold=0.9)))(x, None)
     assert high.kept_TK.tolist() == [[True, False], [True, True]]  # token 1 needs a second expert to reach 0.9
 
 
@@ -162,7 +163,7 @@ def test_expert_choice_keeps_the_highest_affinity_tokens_up_to_capacity():
 
 def test_etr_capacity_is_respected_exactly_in_training_only():
     cfg = etr_cfg(capacity_factor=0.5)
-    router = Router(8, cfg, has_residual=False)
+    router = EtrRouter(8, cfg)
     x = torch.randn(64, 8)
     route = router(x, None)
     C = math.ceil(0.5 * 64 * 1 / 4)
@@ -183,7 +184,7 @@ def test_etr_lower_bound_schedule_recomputes_every_k_steps():
     cfg = etr_cfg(
         capacity_factor=4.0, etr=EtrConfig(capacity_schedule="lower_bound", min_capacity_factor=0.5, recompute_every=2)
     )
-    router = Router(8, cfg, has_residual=False)
+    router = EtrRouter(8, cfg)
     x = torch.randn(32, 8)
     route = router(x, None)
     delta = route.logits_TE.gather(1, route.expert_idx_TK).mean().item()
@@ -229,7 +230,7 @@ def test_aux_free_bias_update_direction_and_no_gradient():
     router.expert_bias_E.zero_()
     router(logits, None)
     after_optimizer_step(router, stepped=False)  # a skipped step only clears
-    assert router.expert_bias_E.abs().sum() == 0 and router.step_counts.abs().sum() == 0
+    assert router.expert_bias_E.abs().sum() == 0 and router.step_load.totals.abs().sum() == 0
 
 
 def test_aux_free_bias_target_is_the_heterogeneous_balance_with_zero_computation_experts():

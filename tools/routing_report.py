@@ -41,7 +41,7 @@ from data.text import is_text_path
 from model.config import ModelConfig, MoEConfig
 from model.errors import UserError
 from model.moe import MoELayer
-from model.router import RouterOutput
+from model.routers import RouterOutput
 from model.transformer import Decoder
 
 

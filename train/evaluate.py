@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from data.packing import DocumentPacking
 from data.synthetic import SyntheticCorpus
 from model.moe import MoELayer
-from model.router import RouterOutput
+from model.routers import RouterOutput
 from train.step import lm_loss, window_inputs
 
 

@@ -29,7 +29,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from data.packing import IGNORE_INDEX, DocumentPacking
 from model.moe import RoutingStats
-from model.router import Router
+from model.routers import Router
 from model.transformer import ModelOutput, sum_terms
 from parallel.grads import GradSync
 from parallel.pipeline import PipelineSchedule

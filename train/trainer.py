@@ -20,7 +20,7 @@ from model.config import ConfigError
 from model.dispatch import AllToAllBytes
 from model.errors import UserError
 from model.moe import RoutingStats
-from model.router import Router
+from model.routers import EtrRouter, Router
 from model.transformer import Decoder
 from parallel import parallelize, pipeline_schedule
 from parallel.grads import GradSync
@@ -345,7 +345,7 @@ def router_states(model: torch.nn.Module) -> list[dict[str, Any]]:
         state: dict[str, Any] = {}
         if router.bias_rate is not None:
             state["expert_bias"] = router.expert_bias_E.tolist()
-        if router.etr_schedule:
+        if isinstance(router, EtrRouter) and router.schedule:
             state["etr_capacity_factor"] = float(router.etr_state[0])
         states.append(state)
     return states

@@ -389,7 +389,7 @@ def router_family(rank: int, world: int, tp: int, ep: int, sp: bool, variant: st
     """The parallel model on its data-parallel shard against the single-process model on the concatenated batch:
     with global-batch balance the mean of the ranks' losses is the whole batch's loss, ETR's expert choice ranks the
     whole data-parallel batch's tokens, and the aux-free bias moves by the whole step's load."""
-    from model.router import Router
+    from model.routers import Router
     from train.step import after_optimizer_step
 
     ctx = init_parallel(ParallelConfig(tp=tp, ep=ep, sequence_parallel=sp), "cpu")
