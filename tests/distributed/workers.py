@@ -55,7 +55,7 @@ def _close(name: str, got: torch.Tensor, want: torch.Tensor, rtol: float = RTOL,
 def _reduce_and_compare_grads(par, ref, ctx, sync: GradSync) -> dict[str, torch.Tensor]:
     """Reduce the parallel model's gradients and compare every one with the reference's; returns the latter."""
     sync.reduce()
-    grads = full_tensors(par, ctx, grads=True)
+    grads = full_tensors(par, grads=True)
     ref_grads = {n: p.grad for n, p in ref.named_parameters()}
     assert grads.keys() == ref_grads.keys(), sorted(set(grads) ^ set(ref_grads))
     for name, want in ref_grads.items():
@@ -110,7 +110,7 @@ def equivalence(rank: int, world: int, tp: int, ep: int, capacity: float | None,
         r = train_step(ref, opt_ref, shards[step], clip_grad=0.05)
         p = train_step(par, opt_par, [shards[step][mine]], clip_grad=0.05, grad_sync=sync)
         _close(f"step {step} grad norm", p.grad_norm, r.grad_norm)
-    params = full_tensors(par, ctx)
+    params = full_tensors(par)
     for name, want in ref.named_parameters():
         _close(f"param {name} after {steps} steps", params[name], want.detach(), PARAM_RTOL, PARAM_ATOL)
 
@@ -154,9 +154,11 @@ def empty_rank(rank: int, world: int) -> None:
         ref.router.wg.weight.fill_(-1.0)
         ref.router.wg.weight[:2] = 1.0
     par = copy.deepcopy(ref)
+    from parallel.data_parallel import apply_data_parallel
     from parallel.expert_parallel import apply_expert_parallel
 
-    apply_expert_parallel(par, ctx.group("ep"))
+    apply_expert_parallel(par, ctx.mesh["ep"])
+    apply_data_parallel(par, ctx)
     x = torch.rand(6, 16, generator=torch.Generator().manual_seed(rank)) + 0.1  # positive: experts 0, 1 win
     xs = [torch.rand(6, 16, generator=torch.Generator().manual_seed(r)) + 0.1 for r in range(world)]
     ref_out = [ref(xi, None)[0] for xi in xs]
@@ -166,7 +168,7 @@ def empty_rank(rank: int, world: int) -> None:
     _close("output", out, ref_out[rank].detach())
     out.square().sum().backward()
     GradSync(par, ctx).reduce()
-    grads = full_tensors(par, ctx, grads=True)
+    grads = full_tensors(par, grads=True)
     for name, p in ref.named_parameters():
         _close(f"grad {name}", grads[name], p.grad)
 
@@ -267,7 +269,7 @@ def pipeline_equivalence(
     _close("loss", values[0], ce_ref / (dp * n_micro))
     _close("balance loss", values[1], bal_ref / (dp * n_micro))
     sync.reduce()
-    grads = full_tensors(par, ctx, grads=True)
+    grads = full_tensors(par, grads=True)
     ref_grads = {n: p.grad for n, p in ref.named_parameters()}
     assert set(grads) <= set(ref_grads)
     for name, got in grads.items():
@@ -284,7 +286,7 @@ def pipeline_equivalence(
         r = train_step(ref, opt_ref, list(steps[step].split(1)), clip_grad=0.05)
         p = train_step(par, opt_par, mine(steps[step]), clip_grad=0.05, grad_sync=sync, pipeline=sched)
         _close(f"step {step} grad norm", p.grad_norm, r.grad_norm)
-    params = full_tensors(par, ctx)
+    params = full_tensors(par)
     ref_params = dict(ref.named_parameters())
     for name, got in params.items():
         _close(f"param {name} after 3 steps", got, ref_params[name].detach(), PARAM_RTOL, PARAM_ATOL)

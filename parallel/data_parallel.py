@@ -1,0 +1,87 @@
+"""Data parallelism on FSDP2 (`torch.distributed.fsdp.fully_shard`) for every `parallel.data_parallel` mode.
+
+The three modes are one mechanism on different meshes (parallel/mesh.py): `fsdp` shards each parameter over the
+1-D dp mesh (ZeRO-3), `hsdp` over the shard dimension of a (dp_replicate, dp_shard) mesh and replicates across its
+first dimension, and `replicate` is hsdp with shard groups of one rank (FSDP2 then gathers nothing and reduces
+with one all-reduce per group). Tensor-parallel DTensors become 2-D (dp, tp) DTensors.
+
+FSDP groups, each one parameter all-gather and one gradient reduction issued as the forward and the backward reach
+it (so the reduction of a block overlaps the backward of the blocks before it): every decoder block, inside an MoE
+block its FFN experts on the expert mesh, the embedding, the final norm, the head, and the root.
+
+FFN experts are DTensors sharded over ep (parallel/expert_parallel.py); fully_shard on the expert mesh shards them
+again over their expert-data-parallel ranks, so no expert's parameters or AdamW state are held twice. Their
+gradient already carries the contributions of the whole ep group (the all-to-all's backward), so it is summed
+over the expert mesh and divided by dp, not averaged over edp (which would count it ep times). Router, constant and
+shared experts are plain parameters of the block: averaged over dp like every dense parameter.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Shard
+
+from model.config import ConfigError
+from model.moe import MoELayer
+from model.transformer import Decoder
+from parallel.mesh import ParallelContext
+
+
+def param_dtype(setting: str, device_type: str) -> torch.dtype:
+    """parallel.mixed_precision resolved: auto is bf16 on CUDA and fp32 elsewhere."""
+    if setting == "auto":
+        return torch.bfloat16 if device_type == "cuda" else torch.float32
+    return torch.bfloat16 if setting == "bf16" else torch.float32
+
+
+def check_mixed_precision(setting: str, device_type: str, autocast_bf16: bool) -> None:
+    """bf16 parameters need bf16 autocast: block inputs stay fp32 (the router logits that flow between layers
+    keep their precision), so a matmul would meet an fp32 input and a bf16 weight."""
+    if param_dtype(setting, device_type) == torch.bfloat16 and not autocast_bf16:
+        raise ConfigError(
+            f"parallel.mixed_precision: {setting} computes with bf16 parameters under bf16 autocast, but "
+            f"train.dtype gives fp32 on {device_type}; set train.dtype=bf16 or parallel.mixed_precision=fp32"
+        )
+
+
+def _policy(dtype: torch.dtype) -> MixedPrecisionPolicy:
+    if dtype == torch.float32:
+        return MixedPrecisionPolicy()
+    # fp32 master weights and AdamW state (the sharded parameters), bf16 copies for compute, fp32 reduction.
+    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+
+
+def apply_data_parallel(model: nn.Module, ctx: ParallelContext) -> None:
+    """fully_shard the model in place for ctx's data-parallel mode (after tensor and expert parallelism)."""
+    dims = ctx.dims
+    policy = _policy(param_dtype(dims.mixed_precision, ctx.device.type))
+    # A shard group of one has nothing to free after the forward pass.
+    reshard = dims.reshard_after_forward and dims.dp_shard > 1
+    dense, expert_mesh = ctx.meshes["dense"], ctx.meshes["expert"]
+    expert_shards = dims.edp_shard
+
+    def expert_placement(p: nn.Parameter) -> Shard:
+        # Shard the local experts (dim 0) when they split evenly over the expert shard group, else a weight dim.
+        local = p.to_local() if isinstance(p, DTensor) else p
+        if local.shape[0] % expert_shards == 0 or local.shape[1] % expert_shards:
+            return Shard(0)
+        return Shard(1)
+
+    for layer in model.modules():
+        if isinstance(layer, MoELayer) and isinstance(layer.experts.w_up, DTensor):
+            experts = fully_shard(
+                layer.experts,
+                mesh=expert_mesh,
+                reshard_after_forward=reshard,
+                mp_policy=policy,
+                shard_placement_fn=expert_placement,
+            )
+            experts.set_gradient_divide_factor(float(dims.dp))
+    if isinstance(model, Decoder):
+        parts = [*model.layers.values(), model.tok_embeddings, model.norm, model.output]
+        for part in parts:
+            if part is not None:  # a pipeline stage lacks some of them
+                fully_shard(part, mesh=dense, reshard_after_forward=reshard, mp_policy=policy)
+    fully_shard(model, mesh=dense, reshard_after_forward=reshard, mp_policy=policy)
