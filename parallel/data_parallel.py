@@ -79,6 +79,10 @@ def apply_data_parallel(model: nn.Module, ctx: ParallelContext) -> None:
                 shard_placement_fn=expert_placement,
             )
             experts.set_gradient_divide_factor(float(dims.dp))
+            if expert_shards > 1:
+                # Sum, then divide: gloo has no pre-multiplied sum. (A shard group of one reduces nothing, and
+                # there FSDP already divides while copying; forcing sums would divide twice.)
+                experts.set_force_sum_reduction_for_comms(True)
     if isinstance(model, Decoder):
         parts = [*model.layers.values(), model.tok_embeddings, model.norm, model.output]
         for part in parts:

@@ -64,7 +64,51 @@ def _reduce_and_compare_grads(par, ref, ctx, sync: GradSync) -> dict[str, torch.
 
 
 def equivalence(rank: int, world: int, tp: int, ep: int, capacity: float | None, steps: int, sp: bool = False) -> None:
-    ctx = init_parallel(ParallelConfig(tp=tp, ep=ep, sequence_parallel=sp), "cpu")
+    check_equivalence(ParallelConfig(tp=tp, ep=ep, sequence_parallel=sp), capacity, steps)
+
+
+def layouts(rank: int, world: int, cases: dict[str, dict]) -> None:
+    """Several layouts in one world, one after the other (each builds its own meshes from the same process group):
+    {name: ParallelConfig keys, plus "pipeline": (num_layers, every_n_layers) for a pipeline case}."""
+    for name, case in cases.items():
+        case = dict(case)
+        pipeline = case.pop("pipeline", None)
+        try:
+            if pipeline is None:
+                check_equivalence(ParallelConfig(**case), None, 3)
+            else:
+                check_pipeline(ParallelConfig(**case), *pipeline)
+        except AssertionError as e:
+            raise AssertionError(f"layout {name}: {e}") from None
+
+
+def check_sharded_state(par, opt_par, ref, ctx) -> None:
+    """Parameters + AdamW moments under fsdp/hsdp: every element is held by exactly one rank of a shard group (the
+    local sizes add up to the single-process total), so each rank holds ~1/dp_shard of it; FFN experts are split
+    over ep x their expert shard group."""
+    dims = ctx.dims
+    mine = 0
+    for p in par.parameters():
+        state = opt_par.state[p]
+        mine += sum(t.to_local().numel() for t in (p, state["exp_avg"], state["exp_avg_sq"]))
+    total = 3 * sum(p.numel() for p in ref.parameters())
+    dense = ctx.meshes["dense"]
+    shard_group = dense.get_group() if dense.ndim == 1 else dense["dp_shard"].get_group()
+    held = torch.tensor([mine])
+    dist.all_reduce(held, group=shard_group)
+    assert held.item() == total, (held.item(), total)
+    assert mine <= 1.05 * total / dims.dp_shard, (mine, total, dims.dp_shard)
+    for m in par.modules():
+        if hasattr(m, "w_up") and isinstance(m.w_up, torch.distributed.tensor.DTensor):
+            want = ref.moe_cfg.num_experts // (dims.ep * dims.edp_shard)
+            assert m.w_up.to_local().shape[0] == want, (m.w_up.to_local().shape, want)
+
+
+def check_equivalence(pcfg: ParallelConfig, capacity: float | None, steps: int) -> None:
+    """The layout's model against the single-process model with the same weights: logits, loss, every gradient and
+    the global norm of step 0, then the parameters after `steps` AdamW steps (plus the sharded state under
+    fsdp/hsdp)."""
+    ctx = init_parallel(pcfg, "cpu")
     dp = ctx.dims.dp
     mcfg, moecfg = tiny_model_configs(capacity=capacity)
     torch.manual_seed(0)
@@ -113,6 +157,8 @@ def equivalence(rank: int, world: int, tp: int, ep: int, capacity: float | None,
     params = full_tensors(par)
     for name, want in ref.named_parameters():
         _close(f"param {name} after {steps} steps", params[name], want.detach(), PARAM_RTOL, PARAM_ATOL)
+    if ctx.dims.data_parallel != "replicate" and ctx.dims.tp == 1:
+        check_sharded_state(par, opt_par, ref, ctx)
 
 
 def a2a_volume(rank: int, world: int) -> None:
@@ -233,13 +279,17 @@ def pipeline_equivalence(
     pp_layers: list[int] | None,
     vanilla: bool = False,
 ) -> None:
+    check_pipeline(ParallelConfig(pp=pp, tp=tp, ep=ep, pp_layers=pp_layers), num_layers, every_n, vanilla)
+
+
+def check_pipeline(pcfg: ParallelConfig, num_layers: int, every_n: int, vanilla: bool = False) -> None:
     """Pipeline stages (1F1B, 3 micro-batches per rank) against the single-process model: loss, balance loss,
     every gradient and the parameters after 3 steps."""
     import dataclasses
 
     from parallel import pipeline_schedule
 
-    ctx = init_parallel(ParallelConfig(pp=pp, tp=tp, ep=ep, pp_layers=pp_layers), "cpu")
+    ctx = init_parallel(pcfg, "cpu")
     dp, n_micro = ctx.dims.dp, 3
     mcfg, moecfg = tiny_model_configs(vanilla=vanilla)
     mcfg = dataclasses.replace(mcfg, num_layers=num_layers)
@@ -274,7 +324,7 @@ def pipeline_equivalence(
     assert set(grads) <= set(ref_grads)
     for name, got in grads.items():
         _close(f"grad {name}", got, ref_grads[name])
-    seen = [None] * world
+    seen = [None] * dist.get_world_size()
     dist.all_gather_object(seen, sorted(grads))
     assert set().union(*map(set, seen)) == set(ref_grads)  # the stages together hold every parameter
     ref.zero_grad(set_to_none=True)
