@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
 from model.config import ConfigError
@@ -89,3 +89,11 @@ def apply_data_parallel(model: nn.Module, ctx: ParallelContext) -> None:
             if part is not None:  # a pipeline stage lacks some of them
                 fully_shard(part, mesh=dense, reshard_after_forward=reshard, mp_policy=policy)
     fully_shard(model, mesh=dense, reshard_after_forward=reshard, mp_policy=policy)
+
+
+def reduce_across_replicas(model: nn.Module, now: bool) -> None:
+    """Gradient accumulation over micro-batches: the all-reduce across replicas (replicate, hsdp) runs in the last
+    micro-batch's backward only; earlier ones accumulate locally (hsdp still reduce-scatters within its shard
+    group every time, so gradients stay sharded). Call before each backward; a no-op without data parallelism."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_all_reduce(now)

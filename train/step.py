@@ -19,6 +19,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from model.moe import RoutingStats
 from model.router import Router
 from model.transformer import ModelOutput, sum_terms
+from parallel.data_parallel import reduce_across_replicas
 from parallel.grads import GradSync
 from parallel.pipeline import PipelineSchedule
 
@@ -32,10 +33,14 @@ class StepResult:
     skipped: bool = False  # non-finite loss or gradient: the optimizer did not step
 
 
+def use_bf16_autocast(device: torch.device, dtype: str) -> bool:
+    """train.dtype resolved: bf16 autocast on CUDA by default; fp32 (no autocast) on CPU unless it says bf16."""
+    return dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
+
+
 def autocast_context(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA by default; fp32 (no autocast) on CPU unless train.dtype says bf16."""
-    use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
-    if not use_bf16:
+    if not use_bf16_autocast(device, dtype):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
@@ -121,10 +126,11 @@ def local_forward_backward(
     ce_sum = torch.zeros((), device=micro_batches[0].device)
     aux_sum = torch.zeros((), device=micro_batches[0].device)
     routing: list[RoutingStats] | None = None
-    for tokens in micro_batches:
+    for i, tokens in enumerate(micro_batches):
         with amp:
             out = model(tokens[:, :-1])
         ce = lm_loss(out, tokens[:, 1:])
+        reduce_across_replicas(model, now=i == n - 1)
         # Every micro-batch has the same token count, so dividing by n makes the gradient that of the step mean.
         with loss_context(out):
             ((ce + out.aux_loss) / n).backward()

@@ -1,7 +1,7 @@
 """Sharded data parallelism (parallel.data_parallel: replicate | fsdp | hsdp) against the single-process model.
 
 Each case: logits, loss, every gradient (as full tensors) and the global norm of one step at rtol 1e-4 / atol 1e-5,
-then the parameters after 3 AdamW steps at rtol 1e-3 / atol 1e-4 (fp32; tests/distributed/workers.py says why).
+then the parameters after 3 AdamW steps of two micro-batches per rank at rtol 1e-3 / atol 1e-4 (fp32; tests/distributed/workers.py says why).
 Under fsdp/hsdp also the sharded state: parameters + AdamW moments per rank add up to the single-process total over
 a shard group, each rank holds <= 1.05 x total / dp_shard, and the FFN experts' local shards hold
 num_experts / (ep x expert shard group) experts. The layouts of one world size share one spawn.
@@ -25,7 +25,9 @@ WORLD_4 = {
     "hsdp-2x2-ep2": {"data_parallel": "hsdp", "dp_shard": 2, "ep": 2},
     "fsdp-dp2-tp2": {"data_parallel": "fsdp", "tp": 2},
     "fsdp-dp2-pp2": {"data_parallel": "fsdp", "pp": 2, "pipeline": (4, 1)},
-    "replicate-dp4": {"data_parallel": "replicate"},  # gradients reduced during the backward pass
+    # Gradients reduced during the backward pass, across replicas in the last micro-batch's backward only.
+    "replicate-dp4": {"data_parallel": "replicate"},
+    "replicate-dp2-pp2": {"data_parallel": "replicate", "pp": 2, "pipeline": (4, 1)},
 }
 
 

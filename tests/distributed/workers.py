@@ -147,12 +147,13 @@ def check_equivalence(pcfg: ParallelConfig, capacity: float | None, steps: int) 
     ref.zero_grad(set_to_none=True)
     par.zero_grad(set_to_none=True)
 
-    # Optimizer steps: the reference sees the dp shards as micro-batches (same per-micro-batch statistics).
+    # Optimizer steps with gradient accumulation over two micro-batches of one sequence per rank; the reference
+    # sees every rank's micro-batches as its own (same per-micro-batch statistics).
     optim_cfg = OptimConfig(lr=1e-2, weight_decay=0.1, eps=ADAM_EPS)
     opt_ref, opt_par = build_optimizer(ref, optim_cfg), build_optimizer(par, optim_cfg)
     for step in range(1, steps + 1):
-        r = train_step(ref, opt_ref, shards[step], clip_grad=0.05)
-        p = train_step(par, opt_par, [shards[step][mine]], clip_grad=0.05, grad_sync=sync)
+        r = train_step(ref, opt_ref, list(batches[step].split(1)), clip_grad=0.05)
+        p = train_step(par, opt_par, list(shards[step][mine].split(1)), clip_grad=0.05, grad_sync=sync)
         _close(f"step {step} grad norm", p.grad_norm, r.grad_norm)
     params = full_tensors(par)
     for name, want in ref.named_parameters():
