@@ -1,10 +1,11 @@
 """Sharded data parallelism (parallel.data_parallel: replicate | fsdp | hsdp) against the single-process model.
 
 Each case: logits, loss, every gradient (as full tensors) and the global norm of one step at rtol 1e-4 / atol 1e-5,
-then the parameters after 3 AdamW steps of two micro-batches per rank at rtol 1e-3 / atol 1e-4 (fp32; tests/distributed/workers.py says why).
-Under fsdp/hsdp also the sharded state: parameters + AdamW moments per rank add up to the single-process total over
-a shard group, each rank holds <= 1.05 x total / dp_shard, and the FFN experts' local shards hold
-num_experts / (ep x expert shard group) experts. The layouts of one world size share one spawn.
+then the parameters after 3 AdamW steps of two micro-batches per rank at rtol 1e-3 / atol 1e-4 (fp32;
+tests/distributed/workers.py says why). Under fsdp/hsdp also the sharded state: parameters + AdamW moments per rank
+add up to the single-process total over a shard group, each rank holds <= 1.05 x total / dp_shard, and the FFN
+experts' local shards hold num_experts / (ep x expert shard group) experts. The layouts of one world size share one
+spawn.
 """
 
 import pytest
@@ -17,6 +18,7 @@ pytestmark = pytest.mark.slow
 WORLD_2 = {
     "fsdp-dp2": {"data_parallel": "fsdp"},
     "fsdp-dp2-zero2": {"data_parallel": "fsdp", "reshard_after_forward": False},
+    "fsdp-dp2-ep2-bf16": {"data_parallel": "fsdp", "ep": 2, "bf16": True},  # mixed precision (workers.py)
 }
 WORLD_4 = {
     "fsdp-dp4": {"data_parallel": "fsdp"},

@@ -73,8 +73,11 @@ def layouts(rank: int, world: int, cases: dict[str, dict]) -> None:
     for name, case in cases.items():
         case = dict(case)
         pipeline = case.pop("pipeline", None)
+        bf16 = case.pop("bf16", False)
         try:
-            if pipeline is None:
+            if bf16:
+                check_bf16_step(ParallelConfig(**case, mixed_precision="bf16"))
+            elif pipeline is None:
                 check_equivalence(ParallelConfig(**case), None, 3)
             else:
                 check_pipeline(ParallelConfig(**case), *pipeline)
@@ -102,6 +105,48 @@ def check_sharded_state(par, opt_par, ref, ctx) -> None:
         if hasattr(m, "w_up") and isinstance(m.w_up, torch.distributed.tensor.DTensor):
             want = ref.moe_cfg.num_experts // (dims.ep * dims.edp_shard)
             assert m.w_up.to_local().shape[0] == want, (m.w_up.to_local().shape, want)
+
+
+def check_bf16_step(pcfg: ParallelConfig) -> None:
+    """Mixed precision: the layers compute with bf16 copies of the parameters while the sharded parameters (the
+    optimizer's master weights) and the reduced gradients stay fp32. Loss and gradients are those of the fp32
+    single-process model under bf16 autocast, to bf16 accuracy (loss rtol 2e-2, each gradient within 5% of its
+    norm). The weights start bf16-representable, so both models route alike (a token changing expert over a
+    rounding difference would move that expert's gradient by far more than rounding)."""
+    ctx = init_parallel(pcfg, "cpu")
+    dp = ctx.dims.dp
+    mcfg, moecfg = tiny_model_configs()
+    torch.manual_seed(0)
+    ref = Decoder(mcfg, moecfg)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(p.bfloat16())
+    par = parallelize(copy.deepcopy(ref), ctx)
+    batch = torch.randint(0, mcfg.vocab_size, (2 * dp, 13), generator=torch.Generator().manual_seed(1))
+    shard = batch.chunk(dp)[ctx.dp_rank]
+    seen = []
+    par.layers["0"].attention.wq.register_forward_pre_hook(lambda m, args: seen.append(m.weight.dtype))
+    amp = torch.autocast("cpu", dtype=torch.bfloat16)
+    with amp:
+        out = par(shard[:, :-1])
+    loss = lm_loss(out, shard[:, 1:]) + out.aux_loss
+    loss.backward()
+    GradSync(par, ctx).reduce()
+    with amp:
+        out_ref = ref(shard[:, :-1])
+    ref_loss = lm_loss(out_ref, shard[:, 1:]) + out_ref.aux_loss
+    torch.testing.assert_close(loss.detach(), ref_loss.detach(), rtol=2e-2, atol=0)
+    assert seen == [torch.bfloat16], seen
+    with amp:  # the reference's gradient: the mean loss over the dp shards
+        outs = [ref(s[:, :-1]) for s in batch.chunk(dp)]
+    ref.zero_grad()
+    sum((lm_loss(o, s[:, 1:]) + o.aux_loss) / dp for o, s in zip(outs, batch.chunk(dp), strict=True)).backward()
+    grads = full_tensors(par, grads=True)
+    for name, p in par.named_parameters():
+        assert p.dtype == torch.float32 and p.grad.dtype == torch.float32, (name, p.dtype, p.grad.dtype)
+    for name, want in ref.named_parameters():
+        err = (grads[name] - want.grad).norm() / want.grad.norm().clamp_min(1e-12)
+        assert err < 0.05, (name, float(err))
 
 
 def check_equivalence(pcfg: ParallelConfig, capacity: float | None, steps: int) -> None:
