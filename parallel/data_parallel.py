@@ -18,6 +18,8 @@ shared experts are plain parameters of the block: averaged over dp like every de
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -58,7 +60,7 @@ def apply_data_parallel(model: nn.Module, ctx: ParallelContext) -> None:
     dims = ctx.dims
     policy = _policy(param_dtype(dims.mixed_precision, ctx.device.type))
     # A shard group of one has nothing to free after the forward pass.
-    reshard = dims.reshard_after_forward and dims.dp_shard > 1
+    free_after_forward = dims.reshard_after_forward and dims.dp_shard > 1
     dense, expert_mesh = ctx.meshes["dense"], ctx.meshes["expert"]
     expert_shards = dims.edp_shard
 
@@ -74,7 +76,7 @@ def apply_data_parallel(model: nn.Module, ctx: ParallelContext) -> None:
             experts = fully_shard(
                 layer.experts,
                 mesh=expert_mesh,
-                reshard_after_forward=reshard,
+                reshard_after_forward=free_after_forward,
                 mp_policy=policy,
                 shard_placement_fn=expert_placement,
             )
@@ -87,8 +89,22 @@ def apply_data_parallel(model: nn.Module, ctx: ParallelContext) -> None:
         parts = [*model.layers.values(), model.tok_embeddings, model.norm, model.output]
         for part in parts:
             if part is not None:  # a pipeline stage lacks some of them
-                fully_shard(part, mesh=dense, reshard_after_forward=reshard, mp_policy=policy)
-    fully_shard(model, mesh=dense, reshard_after_forward=reshard, mp_policy=policy)
+                fully_shard(part, mesh=dense, reshard_after_forward=free_after_forward, mp_policy=policy)
+    fully_shard(model, mesh=dense, reshard_after_forward=free_after_forward, mp_policy=policy)
+    # Groups that keep their gathered parameters after the forward pass free them in the backward pass; a forward
+    # without one (evaluation) frees them here, so the optimizer's (sharded) parameters are always the registered
+    # ones between steps.
+    model.register_forward_hook(lambda module, args, output: None if torch.is_grad_enabled() else reshard(module))
+    # A dense block hands the previous router logits through unchanged, and FSDP's input hook made them a view;
+    # nothing modifies a block's outputs in place, which is what the warning is about.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \((FSDPBlock|FSDPEmbedding)\) returned a view")
+
+
+def reshard(model: nn.Module) -> None:
+    """Register the sharded parameters everywhere (free gathered copies); a no-op without data parallelism."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def reduce_across_replicas(model: nn.Module, now: bool) -> None:

@@ -269,19 +269,35 @@ def _fixed_tokens() -> torch.Tensor:
     return torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(7))
 
 
+@torch.no_grad()
 def _full_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     logits = model(tokens).logits_BSV
     return (logits.full_tensor() if hasattr(logits, "full_tensor") else logits).detach()
 
 
+def _full_optimizer_state(model, opt) -> dict[str, torch.Tensor]:
+    """AdamW moments by parameter name as full tensors (a collective)."""
+    out = {}
+    for name, p in model.named_parameters():
+        for key in ("exp_avg", "exp_avg_sq"):
+            t = opt.state[p][key]
+            out[f"{name}.{key}"] = t.full_tensor() if hasattr(t, "full_tensor") else t
+    return out
+
+
 def save_layout(rank: int, world: int, tp: int, ep: int, ckpt_dir: str) -> None:
-    """One training step in this layout, then a DCP checkpoint and the full logits it gives (logits.pt)."""
+    save_in(rank, world, {"tp": tp, "ep": ep}, ckpt_dir)
+
+
+def save_in(rank: int, world: int, layout: dict, ckpt_dir: str) -> None:
+    """One training step in this layout (ParallelConfig keys), then a DCP checkpoint, the full logits it gives
+    (logits.pt) and its full AdamW moments (optim.pt)."""
     import dataclasses
     from pathlib import Path
 
     from train.checkpoint import Checkpointer
 
-    ctx = init_parallel(ParallelConfig(tp=tp, ep=ep), "cpu")
+    ctx = init_parallel(ParallelConfig(**layout), "cpu")
     mcfg, moecfg = tiny_model_configs()
     torch.manual_seed(0)
     model = parallelize(Decoder(mcfg, moecfg), ctx)
@@ -291,27 +307,79 @@ def save_layout(rank: int, world: int, tp: int, ep: int, ckpt_dir: str) -> None:
     meta = {"consumed_samples": 0, "config": {"model": dataclasses.asdict(mcfg), "moe": dataclasses.asdict(moecfg)}}
     Checkpointer(Path(ckpt_dir), ctx, keep_last=1).save(1, model, opt, meta)
     logits = _full_logits(model, _fixed_tokens())
+    moments = _full_optimizer_state(model, opt)
     if rank == 0:
         torch.save(logits, Path(ckpt_dir) / "logits.pt")
+        torch.save(moments, Path(ckpt_dir) / "optim.pt")
 
 
 def load_layout(rank: int, world: int, tp: int, ep: int, ckpt_dir: str) -> None:
-    """A differently initialised model in another layout loads the checkpoint and gives the same logits; its
-    optimizer state is the saved one too (the next step matches a step taken from the saved layout's state)."""
+    load_in(rank, world, [{"tp": tp, "ep": ep}], ckpt_dir)
+
+
+def load_in(rank: int, world: int, layouts: list[dict], ckpt_dir: str) -> None:
+    """In each layout, a differently initialised model loads the checkpoint: the same logits, and the saved AdamW
+    state (every moment, as full tensors, and the step count)."""
     from pathlib import Path
 
     from train.checkpoint import load_training_state
 
-    ctx = init_parallel(ParallelConfig(tp=tp, ep=ep), "cpu")
+    want_logits = torch.load(Path(ckpt_dir) / "logits.pt")
+    want_moments = torch.load(Path(ckpt_dir) / "optim.pt")
+    for layout in layouts:
+        ctx = init_parallel(ParallelConfig(**layout), "cpu")
+        mcfg, moecfg = tiny_model_configs()
+        torch.manual_seed(123)  # different weights: everything must come from the checkpoint
+        model = parallelize(Decoder(mcfg, moecfg), ctx)
+        opt = build_optimizer(model, OptimConfig(lr=1e-2))
+        meta = load_training_state(Path(ckpt_dir) / "step_00000001", model, opt, ctx)
+        assert meta["step"] == 1
+        _close(f"logits after reload in {layout}", _full_logits(model, _fixed_tokens()), want_logits)
+        moments = _full_optimizer_state(model, opt)
+        assert moments.keys() == want_moments.keys()
+        for key, want in want_moments.items():
+            _close(f"{key} after reload in {layout}", moments[key], want)
+        steps = {float(s["step"]) for s in opt.state.values()}
+        assert steps == {1.0}, steps
+
+
+def resume_exact(rank: int, world: int, layout: dict, ckpt_dir: str) -> None:
+    """Four steps straight, against two steps, a checkpoint, and a differently initialised model that loads it and
+    takes the other two: the same losses, gradient norms and final parameters, bit for bit."""
+    import dataclasses
+    from pathlib import Path
+
+    from train.checkpoint import Checkpointer, load_training_state
+
+    ctx = init_parallel(ParallelConfig(**layout), "cpu")
     mcfg, moecfg = tiny_model_configs()
-    torch.manual_seed(123)  # different weights: everything must come from the checkpoint
-    model = parallelize(Decoder(mcfg, moecfg), ctx)
-    opt = build_optimizer(model, OptimConfig(lr=1e-2))
-    meta = load_training_state(Path(ckpt_dir) / "step_00000001", model, opt, ctx)
-    assert meta["step"] == 1
-    _close("logits after reload", _full_logits(model, _fixed_tokens()), torch.load(Path(ckpt_dir) / "logits.pt"))
-    steps = {float(s["step"]) for s in opt.state.values()}
-    assert steps == {1.0}, steps
+    meta = {"consumed_samples": 0, "config": {"model": dataclasses.asdict(mcfg), "moe": dataclasses.asdict(moecfg)}}
+    dp = ctx.dims.dp
+    g = torch.Generator().manual_seed(5)
+    batches = [torch.randint(0, 64, (2 * dp, 13), generator=g).chunk(dp)[ctx.dp_rank] for _ in range(4)]
+
+    def fresh(seed: int):
+        torch.manual_seed(seed)
+        model = parallelize(Decoder(mcfg, moecfg), ctx)
+        return model, build_optimizer(model, OptimConfig(lr=1e-2, eps=ADAM_EPS)), GradSync(model, ctx)
+
+    def step(model, opt, sync, i: int):
+        return train_step(model, opt, list(batches[i].split(1)), 0.5, grad_sync=sync)
+
+    model, opt, sync = fresh(0)
+    straight = []
+    for i in range(4):
+        if i == 2:
+            Checkpointer(Path(ckpt_dir), ctx, keep_last=1).save(2, model, opt, meta)
+        straight.append(step(model, opt, sync, i))
+    resumed_model, resumed_opt, resumed_sync = fresh(123)
+    load_training_state(Path(ckpt_dir) / "step_00000002", resumed_model, resumed_opt, ctx)
+    for i in (2, 3):
+        r = step(resumed_model, resumed_opt, resumed_sync, i)
+        assert torch.equal(r.loss, straight[i].loss), (i, r.loss, straight[i].loss)
+        assert torch.equal(r.grad_norm, straight[i].grad_norm), (i, r.grad_norm, straight[i].grad_norm)
+    want, got = full_tensors(model), full_tensors(resumed_model)
+    assert all(torch.equal(got[k], want[k]) for k in want), [k for k in want if not torch.equal(got[k], want[k])]
 
 
 def pipeline_equivalence(
