@@ -3,13 +3,15 @@ per rank under `fsdp` at dp = 1, 2, 4 against the unsharded total / dp, and toke
 dp = 2. Prints a table, writes JSON (command, machine, torch version, date, numbers) and the "Data-parallel state
 and throughput" section of docs/benchmarks.md.
 
-    python bench/memory.py [--preset moepp-0.6b-2layer] [--dps 1 2 4] [--steps 3] [--rounds 2] [--no-write]
+    python bench/memory.py [--preset moepp-0.6b-2layer] [--dps 1 2 4] [--batch 8] [--steps 3] [--rounds 2]
+                           [--json PATH] [--no-write]
 
 The preset is bench/train_throughput.py's `moepp-0.6b-2layer` (configs/moepp-0.6b.yaml with 2 of its 12 layers,
-sequences of 256, 4 sequences per step). State bytes are counted per distinct storage of the rank's local tensors
-(parameters, gradients, AdamW moments and step counters) after a step, so FSDP's padding is included. Each
+sequences of 256), with `--batch` sequences per rank per step in one micro-batch (8: 2048 tokens per rank, still
+fewer than a GPU step of the preset's 4 x 2048). State bytes are counted per distinct storage of the rank's local
+tensors (parameters, gradients, AdamW moments and step counters) after a step, so FSDP's padding is included. Each
 data-parallel world runs in its own spawned processes (one thread each); throughput alternates replicate and fsdp
-worlds `--rounds` times, since the machine is shared, and reports the median step of each world.
+worlds `--rounds` times, since the machine is shared, and reports the best world's median step.
 """
 
 from __future__ import annotations
@@ -85,7 +87,15 @@ def worker(rank: int, world: int, port: int, job: dict, out_dir: str) -> None:
         from train.step import local_forward_backward, train_step
 
         path, overrides = PRESETS[job["preset"]]
-        cfg = load_config(ROOT / path, [*overrides, "data.path=null", f"parallel.data_parallel={job['mode']}"])
+        batch_size = job["batch"] * world
+        overrides = [
+            *overrides,
+            "data.path=null",
+            f"parallel.data_parallel={job['mode']}",
+            f"train.global_batch_size={batch_size}",
+            f"train.micro_batch_size={job['batch']}",
+        ]
+        cfg = load_config(ROOT / path, overrides)
         ctx = init_parallel(cfg.parallel, "cpu")
         dp, tc = ctx.dims.dp, cfg.train
         torch.manual_seed(tc.seed)
@@ -139,10 +149,11 @@ def run_world(world: int, job: dict) -> list[dict]:
 
 
 def measure_state(preset: str, dps: list[int]) -> list[dict]:
-    """fsdp at each dp: the largest rank's state against the dp=1 total / dp."""
+    """fsdp at each dp: the largest rank's state against the dp=1 total / dp (one sequence per rank: the state
+    does not depend on the batch, the activations of a larger one only crowd the machine)."""
     rows = []
     for dp in dps:
-        ranks = run_world(dp, {"preset": preset, "mode": "fsdp", "steps": 0})
+        ranks = run_world(dp, {"preset": preset, "mode": "fsdp", "steps": 0, "batch": 1})
         per_rank = [sum(r["state"].values()) for r in ranks]
         rows.append({"dp": dp, "per_rank": per_rank, "parts_rank0": ranks[0]["state"]})
         print(f"state fsdp dp={dp}: {[f'{b / 1e9:.3f} GB' for b in per_rank]}", flush=True)
@@ -153,13 +164,13 @@ def measure_state(preset: str, dps: list[int]) -> list[dict]:
     return rows
 
 
-def measure_throughput(preset: str, steps: int, rounds: int) -> dict:
+def measure_throughput(preset: str, steps: int, rounds: int, batch: int) -> dict:
     """tokens/s of replicate and fsdp at dp=2, worlds alternated `rounds` times."""
     runs: dict[str, list[float]] = {"replicate": [], "fsdp": []}
     state: dict[str, int] = {}
     for _ in range(rounds):
         for mode in runs:
-            ranks = run_world(2, {"preset": preset, "mode": mode, "steps": steps})
+            ranks = run_world(2, {"preset": preset, "mode": mode, "steps": steps, "batch": batch})
             step_s = statistics.median(max(r["step_s"][i] for r in ranks) for i in range(steps))
             runs[mode].append(ranks[0]["tokens_per_step"] / step_s)
             state[mode] = max(sum(r["state"].values()) for r in ranks)
@@ -172,13 +183,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="moepp-0.6b-2layer", choices=list(PRESETS))
     parser.add_argument("--dps", nargs="+", type=int, default=[1, 2, 4], help="data-parallel sizes for the state")
+    parser.add_argument("--batch", type=int, default=8, help="sequences per rank per step (one micro-batch)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per throughput world")
     parser.add_argument("--rounds", type=int, default=2, help="replicate/fsdp worlds alternated this many times")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
     parser.add_argument("--no-write", action="store_true", help="print only, leave docs/benchmarks.md alone")
     args = parser.parse_args()
     state = measure_state(args.preset, args.dps)
-    speed = measure_throughput(args.preset, args.steps, args.rounds)
+    speed = measure_throughput(args.preset, args.steps, args.rounds, args.batch)
 
     headers = ["dp", "fsdp state per rank (params + grads + AdamW)", "unsharded total / dp", "ratio (target <= 1.05)"]
     rows = [
@@ -199,8 +211,9 @@ def main() -> None:
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
     body = (
         f"`{command}` on {machine} (shared with other work), torch {torch.__version__}, fp32, gloo, one thread per "
-        f"process, {datetime.date.today()}; preset `{args.preset}` (bench/train_throughput.py). State: local "
-        "tensors of each rank after a step, every distinct storage once (FSDP padding included).\n\n"
+        f"process, {datetime.date.today()}; preset `{args.preset}` (bench/train_throughput.py) with {args.batch} "
+        "sequences per rank per step. State: local tensors of each rank after a step, every distinct storage once "
+        "(FSDP padding included).\n\n"
         f"{markdown_table(headers, rows)}\n\n"
         f"Tokens/s at dp=2 (best of {args.rounds} alternated worlds; median of {args.steps} steps after one warm-up "
         f"each): fsdp / replicate = **{speed['ratio']:.3f}** (target >= {TARGET_SPEED}).\n\n"
