@@ -167,16 +167,19 @@ def measure_state(preset: str, dps: list[int]) -> list[dict]:
 def measure_throughput(preset: str, steps: int, rounds: int, batch: int) -> dict:
     """tokens/s of replicate and fsdp at dp=2, worlds alternated `rounds` times."""
     runs: dict[str, list[float]] = {"replicate": [], "fsdp": []}
+    steps_s: dict[str, list[list[float]]] = {"replicate": [], "fsdp": []}
     state: dict[str, int] = {}
     for _ in range(rounds):
         for mode in runs:
             ranks = run_world(2, {"preset": preset, "mode": mode, "steps": steps, "batch": batch})
-            step_s = statistics.median(max(r["step_s"][i] for r in ranks) for i in range(steps))
-            runs[mode].append(ranks[0]["tokens_per_step"] / step_s)
+            slowest = [max(r["step_s"][i] for r in ranks) for i in range(steps)]  # a step ends on its last rank
+            steps_s[mode].append(slowest)
+            runs[mode].append(ranks[0]["tokens_per_step"] / statistics.median(slowest))
             state[mode] = max(sum(r["state"].values()) for r in ranks)
             print(f"throughput {mode} dp=2: {runs[mode][-1]:,.0f} tokens/s", flush=True)
     best = {mode: max(values) for mode, values in runs.items()}
-    return {"runs": runs, "tokens_per_s": best, "ratio": best["fsdp"] / best["replicate"], "state_per_rank": state}
+    ratio = best["fsdp"] / best["replicate"]
+    return {"runs": runs, "step_s": steps_s, "tokens_per_s": best, "ratio": ratio, "state_per_rank": state}
 
 
 def main() -> None:

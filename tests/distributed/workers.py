@@ -103,8 +103,9 @@ def check_sharded_state(par, opt_par, ref, ctx) -> None:
     assert mine <= 1.05 * total / dims.dp_shard, (mine, total, dims.dp_shard)
     for m in par.modules():
         if hasattr(m, "w_up") and isinstance(m.w_up, torch.distributed.tensor.DTensor):
-            want = ref.moe_cfg.num_experts // (dims.ep * dims.edp_shard)
-            assert m.w_up.to_local().shape[0] == want, (m.w_up.to_local().shape, want)
+            # num_experts / (ep x edp_shard) experts per rank (or that share of each when they do not split)
+            local = m.w_up.to_local()
+            assert local.numel() * dims.ep * dims.edp_shard == m.w_up.numel(), (local.shape, m.w_up.shape)
 
 
 def check_bf16_step(pcfg: ParallelConfig) -> None:
