@@ -4,8 +4,7 @@ Each case: logits, loss, every gradient (as full tensors) and the global norm of
 then the parameters after 3 AdamW steps of two micro-batches per rank at rtol 1e-3 / atol 1e-4 (fp32;
 tests/distributed/workers.py says why). Under fsdp/hsdp also the sharded state: parameters + AdamW moments per rank
 add up to the single-process total over a shard group, each rank holds <= 1.05 x total / dp_shard, and the FFN
-experts' local shards hold num_experts / (ep x expert shard group) of the experts. The layouts of one world size share one
-spawn.
+experts' local shards hold 1 / (ep x expert shard group) of the experts. The layouts of one world size share a spawn.
 """
 
 import pytest
