@@ -126,8 +126,8 @@ def run(cfg: Config) -> dict[str, Any]:
     logger.write(
         f"{cfg.name}: {counts[0] / 1e6:.2f}M parameters ({counts[1] / 1e6:.2f}M active at most), "
         f"{tc.max_steps} steps x {tokens_per_step} tokens on {device}, world {d.world_size} = "
-        f"pp {d.pp} x tp {d.tp} x dp {d.dp} (ep {d.ep}, {d.data_parallel}), {n_micro} micro-batch(es) of "
-        f"{tc.micro_batch_size} per rank"
+        f"pp {d.pp} x tp {d.tp} x dp {d.dp} (ep {d.ep}), {d.data_parallel} data parallelism, {n_micro} "
+        f"micro-batch(es) of {tc.micro_batch_size} per rank"
         + (f"; synthetic corpus, loss floor {floor:.4f} nats" if floor is not None else "")
         + (f"; resumed from {resume_from} (step {start_step})" if resume_from is not None else "")
     )
