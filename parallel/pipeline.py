@@ -162,7 +162,6 @@ class PipelineSchedule:
         from train.step import loss_context
 
         reduce_across_replicas(self.model, now=last)
-
         if self.is_last:
             with loss_context(job.out):
                 job.outputs[0].backward()

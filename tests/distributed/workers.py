@@ -81,8 +81,9 @@ def layouts(rank: int, world: int, cases: dict[str, dict]) -> None:
                 check_equivalence(ParallelConfig(**case), None, 3)
             else:
                 check_pipeline(ParallelConfig(**case), *pipeline)
-        except AssertionError as e:
-            raise AssertionError(f"layout {name}: {e}") from None
+        except Exception as e:
+            e.add_note(f"in layout {name}")
+            raise
 
 
 def check_sharded_state(par, opt_par, ref, ctx) -> None:
