@@ -11,7 +11,7 @@ sequences of 256), with `--batch` sequences per rank per step in one micro-batch
 fewer than a GPU step of the preset's 4 x 2048). State bytes are counted per distinct storage of the rank's local
 tensors (parameters, gradients, AdamW moments and step counters) after a step, so FSDP's padding is included. Each
 data-parallel world runs in its own spawned processes (one thread each); throughput alternates replicate and fsdp
-worlds `--rounds` times, since the machine is shared, and reports the best world's median step.
+worlds `--rounds` times, since the machine is shared, and reports the median of the rounds' ratios.
 """
 
 from __future__ import annotations
@@ -178,8 +178,18 @@ def measure_throughput(preset: str, steps: int, rounds: int, batch: int) -> dict
             state[mode] = max(sum(r["state"].values()) for r in ranks)
             print(f"throughput {mode} dp=2: {runs[mode][-1]:,.0f} tokens/s", flush=True)
     best = {mode: max(values) for mode, values in runs.items()}
-    ratio = best["fsdp"] / best["replicate"]
-    return {"runs": runs, "step_s": steps_s, "tokens_per_s": best, "ratio": ratio, "state_per_rank": state}
+    # Each round's two worlds run back to back, so a slow patch of the shared machine mostly hits both of them:
+    # the median of the per-round ratios is the number to read, the best worlds' ratio a cross-check.
+    ratios = [f / r for f, r in zip(runs["fsdp"], runs["replicate"], strict=True)]
+    return {
+        "runs": runs,
+        "step_s": steps_s,
+        "tokens_per_s": best,
+        "round_ratios": ratios,
+        "ratio": statistics.median(ratios),
+        "best_ratio": best["fsdp"] / best["replicate"],
+        "state_per_rank": state,
+    }
 
 
 def main() -> None:
@@ -218,9 +228,11 @@ def main() -> None:
         "sequences per rank per step. State: local tensors of each rank after a step, every distinct storage once "
         "(FSDP padding included).\n\n"
         f"{markdown_table(headers, rows)}\n\n"
-        f"Tokens/s at dp=2 (best of {args.rounds} alternated worlds; median of {args.steps} steps after one warm-up "
-        f"each): fsdp / replicate = **{speed['ratio']:.3f}** (target >= {TARGET_SPEED}).\n\n"
-        f"{markdown_table(['mode', 'tokens/s', 'each world', 'state per rank'], speed_rows)}"
+        f"Tokens/s at dp=2, {args.rounds} rounds of a replicate world then an fsdp world (median of {args.steps} "
+        f"steps after one warm-up each): fsdp / replicate = **{speed['ratio']:.3f}** as the median of the rounds' "
+        f"ratios ({', '.join(f'{x:.2f}' for x in speed['round_ratios'])}), {speed['best_ratio']:.3f} between the "
+        f"best worlds (target >= {TARGET_SPEED}).\n\n"
+        f"{markdown_table(['mode', 'best tokens/s', 'each round', 'state per rank'], speed_rows)}"
     )
     print(body)
     record = {
