@@ -7,6 +7,7 @@ benchmark (one was seen after 8 minutes of timings) is caught here in seconds in
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -103,3 +104,25 @@ def test_train_throughput_reports_a_step():
     tokens_per_s = float(row[4].replace(",", ""))
     assert int(row[2]) > 0 and tokens_per_s > 0
     assert "attention" in row[6] and "experts" in row[6]
+
+
+def test_memory_reports_sharded_state_and_throughput(tmp_path):
+    out = run_bench(
+        "memory.py",
+        "--preset",
+        "tiny-cpu",
+        "--dps",
+        "1",
+        "2",
+        "--steps",
+        "1",
+        "--rounds",
+        "1",
+        "--json",
+        str(tmp_path / "m.json"),
+    )
+    one, two = table_rows(out, "1"), table_rows(out, "2")
+    assert float(one[0][3]) == 1.0 and 0.99 < float(two[0][3]) <= 1.05  # fsdp at dp=2 holds half the state
+    assert re.search(r"fsdp / replicate = \*\*[0-9.]+\*\*", out)
+    record = json.loads((tmp_path / "m.json").read_text())
+    assert {"command", "machine", "torch", "date", "state", "throughput"} <= record.keys()
