@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor
+from torch.distributed.device_mesh import init_device_mesh
 
 from bench.allocator import reuse_freed_memory
 from bench.routing import FFN, HIDDEN, balanced_assignments, control, ffn_share, moe_config
@@ -48,7 +49,7 @@ def build_layer(n_ffn: int, n_zero: int, n_copy: int, n_const: int, shared: int)
     cfg.expert_ffn_hidden_size = FFN // 4 if shared else FFN
     torch.manual_seed(0)  # the same weights on every rank
     layer = MoELayer(HIDDEN, cfg, FFN, has_residual=True)
-    apply_expert_parallel(layer, dist.group.WORLD)
+    apply_expert_parallel(layer, init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("ep",)))
     layer.experts = PassThroughExperts()
     return layer
 

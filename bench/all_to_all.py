@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor, nn
+from torch.distributed.device_mesh import init_device_mesh
 
 from bench import a2a_overlap
 from bench.allocator import reuse_freed_memory
@@ -79,7 +80,7 @@ class TimedDispatcher:
 
 
 def prepare(layer: MoELayer) -> TimedDispatcher:
-    apply_expert_parallel(layer, dist.group.WORLD)
+    apply_expert_parallel(layer, init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("ep",)))
     layer.experts = PassThroughExperts()
     layer.dispatcher = TimedDispatcher(layer.dispatcher)
     return layer.dispatcher

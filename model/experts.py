@@ -43,27 +43,35 @@ class FFNExperts(nn.Module):
         nn.init.normal_(self.w_up, std=std)
         nn.init.normal_(self.w_down, std=std)
 
+    def local_weights(self) -> tuple[Tensor, Tensor]:
+        """(w_up, w_down) of the experts this module computes, as plain tensors (expert parallelism keeps the
+        parameters as shards of the whole layer's experts and returns the local part)."""
+        return self.w_up, self.w_down
+
     def forward(self, x_AD: Tensor, tokens_per_expert: list[int], counts_E: Tensor | None = None) -> Tensor:
         """x_AD holds the rows of expert 0, then expert 1, ... (counts in tokens_per_expert, a host list: the loop
         slices rows with it). counts_E: the same counts on x_AD's device, if the caller has them; the grouped GEMM
         takes its offsets from them (building them from the list is a blocking host-to-device copy)."""
+        w_up, w_down = self.local_weights()
         if _grouped_mm_usable(x_AD):
-            return self._grouped(x_AD, tokens_per_expert, counts_E)
+            return self._grouped(x_AD, tokens_per_expert, counts_E, w_up, w_down)
         # Autocast does not reach into a custom autograd node's out= GEMMs: cast here as it would (the casts are
         # differentiable, so the fp32 master weights still get their gradients) and run the node outside it.
         dtype = compute_dtype(x_AD)
         with torch.autocast(x_AD.device.type, enabled=False):
-            return LoopedSwiGLU.apply(x_AD.to(dtype), self.w_up.to(dtype), self.w_down.to(dtype), tokens_per_expert)
+            return LoopedSwiGLU.apply(x_AD.to(dtype), w_up.to(dtype), w_down.to(dtype), tokens_per_expert)
 
-    def _grouped(self, x_AD: Tensor, tokens_per_expert: list[int], counts_E: Tensor | None) -> Tensor:
+    def _grouped(
+        self, x_AD: Tensor, tokens_per_expert: list[int], counts_E: Tensor | None, w_up: Tensor, w_down: Tensor
+    ) -> Tensor:
         dtype = compute_dtype(x_AD)
         if counts_E is None:
             counts_E = torch.tensor(tokens_per_expert, device=x_AD.device)  # host-to-device copy (blocking)
         offs = counts_E.cumsum(0).to(torch.int32)
         x = x_AD.to(dtype)
-        h = torch._grouped_mm(x, self.w_up.to(dtype).transpose(-2, -1), offs=offs)
+        h = torch._grouped_mm(x, w_up.to(dtype).transpose(-2, -1), offs=offs)
         gate, up = h.chunk(2, dim=-1)
-        return torch._grouped_mm((F.silu(gate) * up).contiguous(), self.w_down.to(dtype).transpose(-2, -1), offs=offs)
+        return torch._grouped_mm((F.silu(gate) * up).contiguous(), w_down.to(dtype).transpose(-2, -1), offs=offs)
 
 
 class LoopedSwiGLU(torch.autograd.Function):

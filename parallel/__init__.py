@@ -8,7 +8,7 @@ from parallel.mesh import ParallelContext
 
 def parallelize(model: Decoder, ctx: ParallelContext) -> Decoder:
     """Rewrite the plain model in place for ctx's layout: tensor parallel first, then expert parallel, then the
-    routers' communication."""
+    routers' communication, then data parallel (FSDP2) over the result."""
     from parallel.expert_parallel import apply_expert_parallel
     from parallel.tensor_parallel import apply_tensor_parallel
 
@@ -20,11 +20,15 @@ def parallelize(model: Decoder, ctx: ParallelContext) -> Decoder:
     if ctx.dims.tp > 1:
         apply_tensor_parallel(model, ctx.tp_mesh, sequence_parallel=ctx.dims.sp)
     if ctx.dims.ep > 1:
-        apply_expert_parallel(model, ctx.group("ep"))
+        apply_expert_parallel(model, ctx.mesh["ep"])
     if ctx.distributed:
         from parallel.routing import install_router_comm
 
         install_router_comm(model, ctx)
+    if ctx.dims.sharded:
+        from parallel.data_parallel import apply_data_parallel
+
+        apply_data_parallel(model, ctx)
     return model
 
 

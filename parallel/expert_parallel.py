@@ -12,8 +12,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
 
 from model.dispatch import AllToAllBytes, DispatchResult, Pending
+from model.experts import FFNExperts
 from model.moe import MoELayer
 from parallel.async_all_to_all import AsyncAllToAll
 
@@ -90,9 +93,19 @@ class AllToAllDispatcher:
         return home
 
 
-def apply_expert_parallel(model: nn.Module, group: dist.ProcessGroup) -> None:
+class ExpertShard(FFNExperts):
+    """This rank's contiguous slice of a layer's FFN experts. The parameters are DTensors sharded on dim 0 over
+    the ep mesh, so they keep their global shape (checkpoints, gradient norms and data-parallel sharding see the
+    whole layer); the experts compute on the local slice."""
+
+    def local_weights(self) -> tuple[Tensor, Tensor]:
+        return self.w_up.to_local(), self.w_down.to_local()
+
+
+def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> None:
     """Keep this rank's contiguous slice of every MoE layer's FFN experts and install the all-to-all dispatcher.
     Router, constant/copy/zero experts stay replicated."""
+    group = ep_mesh.get_group()
     ep_size, ep_rank = dist.get_world_size(group), dist.get_rank(group)
     for layer in model.modules():
         if not isinstance(layer, MoELayer):
@@ -100,7 +113,9 @@ def apply_expert_parallel(model: nn.Module, group: dist.ProcessGroup) -> None:
         experts = layer.experts
         local = experts.num_experts // ep_size
         sl = slice(ep_rank * local, (ep_rank + 1) * local)
-        experts.w_up = nn.Parameter(experts.w_up.detach()[sl].clone())
-        experts.w_down = nn.Parameter(experts.w_down.detach()[sl].clone())
+        for name in ("w_up", "w_down"):
+            shard = getattr(experts, name).detach()[sl].clone()
+            setattr(experts, name, nn.Parameter(DTensor.from_local(shard, ep_mesh, [Shard(0)], run_check=False)))
+        experts.__class__ = ExpertShard  # same state, local compute (FSDP swaps classes the same way)
         experts.num_experts = local
         layer.dispatcher = AllToAllDispatcher(group, layer.num_ffn)

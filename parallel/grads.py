@@ -1,9 +1,13 @@
-"""Gradient reduction and global-norm clipping for any (tp, ep, dp) layout; a single process is the trivial case.
+"""What remains of gradient reduction after the backward pass, and global-norm clipping, for any layout.
 
-Objective: the mean over data-parallel ranks of each rank's loss. Dense gradients are summed over the dp group and
-scaled by 1/dp. An expert's gradient already holds the contributions of every rank in its ep group (the
-all-to-all's backward brought them home), so it is summed only over the edp group (its replicas) and scaled by
-1/dp as well: averaging over edp instead would count it ep times.
+Data-parallel reduction happens during the backward pass (parallel/data_parallel.py: FSDP2 averages dense
+gradients over dp and sums expert gradients over their expert-data-parallel ranks, divided by dp). Left for after
+it: under sequence parallelism the parameters outside tensor parallelism (the MoE layers) saw only this rank's
+tokens, so their gradients are partial sums over tp; and without data parallelism a vocabulary-sharded embedding
+gets DTensor's Replicate gradient, which goes back to the parameter's layout.
+
+Every sharded parameter is a DTensor (tensor parallel, expert parallel, data parallel), so the global norm is
+torch's per-mesh norm of the DTensor gradients, summed over meshes and pipeline stages.
 """
 
 from __future__ import annotations
@@ -11,9 +15,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor
 
-from model.experts import FFNExperts
 from parallel.mesh import ParallelContext
 
 BUCKET_ELEMENTS = 64 * 1024 * 1024  # one flat all-reduce per 256 MB of fp32 gradients
@@ -23,8 +26,8 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def _is_tp_sharded(p: Tensor) -> bool:
-    return isinstance(p, DTensor) and any(isinstance(pl, Shard) for pl in p.placements)
+def _mesh_names(p: Tensor) -> tuple[str, ...]:
+    return tuple(p.device_mesh.mesh_dim_names or ()) if isinstance(p, DTensor) else ()
 
 
 def all_reduce_flat(tensors: list[Tensor], group: dist.ProcessGroup | None, scale: float) -> None:
@@ -57,56 +60,34 @@ def all_reduce_flat(tensors: list[Tensor], group: dist.ProcessGroup | None, scal
 class GradSync:
     def __init__(self, model: nn.Module, ctx: ParallelContext) -> None:
         self.ctx = ctx
-        expert_ids = {id(p) for m in model.modules() if isinstance(m, FFNExperts) for p in m.parameters()}
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.expert = [p for p in params if id(p) in expert_ids]
-        self.dense = [p for p in params if id(p) not in expert_ids]
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        # Under sequence parallelism: the parameters whose gradients are partial sums over tp.
+        self.tp_partial = [p for p in self.params if "tp" not in _mesh_names(p)] if ctx.dims.sp else []
 
     def reduce(self) -> None:
-        """Make every rank's gradients those of the global mean loss."""
-        for p in self.dense + self.expert:
+        """Make every rank's gradients those of the global mean loss (data parallelism already reduced them)."""
+        for p in self.params:
             if p.grad is None:  # a parameter this rank did not use still takes part in every collective
                 p.grad = torch.zeros_like(p)
             elif isinstance(p.grad, DTensor) and p.grad.placements != p.placements:
                 # DTensor's embedding backward yields a Replicate gradient for a vocab-sharded weight; bring it
-                # back to the parameter's layout (a local slice, no communication) before anything else.
+                # back to the parameter's layout (a local slice, no communication).
                 p.grad = p.grad.redistribute(p.device_mesh, p.placements)
-        dims = self.ctx.dims
-        if dims.sp:
-            # Sequence parallelism: plain (non-DTensor) parameters, i.e. the MoE layers, saw only this rank's
-            # tokens; their gradients are partial sums over tp. (DTensor norms were summed by redistribute.)
-            partial = [p.grad for p in self.dense + self.expert if not isinstance(p, DTensor)]
-            all_reduce_flat(partial, self.ctx.group("tp"), 1.0)
-        if dims.dp == 1:
-            return
-        all_reduce_flat([_local(p.grad) for p in self.dense], self.ctx.group("dp"), 1.0 / dims.dp)
-        edp_group = self.ctx.group("edp") if dims.edp > 1 else None
-        all_reduce_flat([_local(p.grad) for p in self.expert], edp_group, 1.0 / dims.dp)
+        if self.tp_partial:
+            all_reduce_flat([_local(p.grad) for p in self.tp_partial], self.ctx.group("tp"), 1.0)
 
     def clip_(self, max_norm: float) -> Tensor:
         """Global gradient norm over the full (unsharded) model; scales gradients in place when max_norm > 0.
         Same formula as torch.nn.utils.clip_grad_norm_."""
-        grads = [p.grad for p in self.dense + self.expert if p.grad is not None]
-        device = grads[0].device
-        replicated = torch.zeros((), device=device, dtype=torch.float32)
-        tp_sharded = torch.zeros((), device=device, dtype=torch.float32)
-        expert = torch.zeros((), device=device, dtype=torch.float32)
-        for p in self.dense:
-            if p.grad is None:
-                continue
-            sq = _local(p.grad).float().square().sum()
-            if _is_tp_sharded(p):
-                tp_sharded += sq
-            else:
-                replicated += sq
-        for p in self.expert:
-            if p.grad is not None:
-                expert += _local(p.grad).float().square().sum()
-        if self.ctx.dims.tp > 1:
-            dist.all_reduce(tp_sharded, group=self.ctx.group("tp"))
-        if self.ctx.dims.ep > 1:
-            dist.all_reduce(expert, group=self.ctx.group("ep"))
-        total_sq = replicated + tp_sharded + expert
+        grads = [p.grad for p in self.params if p.grad is not None]
+        by_mesh: dict[tuple[str, ...], list[Tensor]] = {}
+        for g in grads:  # torch's norm works within one mesh; sum the squares across meshes
+            by_mesh.setdefault(_mesh_names(g), []).append(g)
+        total_sq = torch.zeros((), device=grads[0].device, dtype=torch.float32)
+        for group in by_mesh.values():
+            norm = torch.nn.utils.get_total_norm(group, foreach=True)
+            norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+            total_sq = total_sq + norm.float().square()
         if self.ctx.dims.pp > 1:  # each stage holds different layers
             dist.all_reduce(total_sq, group=self.ctx.group("pp"))
         total = total_sq.sqrt()
@@ -116,20 +97,12 @@ class GradSync:
         return total
 
 
-def full_tensors(model: nn.Module, ctx: ParallelContext, grads: bool = False) -> dict[str, Tensor]:
+def full_tensors(model: nn.Module, grads: bool = False) -> dict[str, Tensor]:
     """Every parameter (or gradient) as the full single-process tensor, on every rank. A collective: all ranks
     must call it. For tests and exports, not for the training hot path."""
-    expert_ids = {id(p) for m in model.modules() if isinstance(m, FFNExperts) for p in m.parameters()}
     out = {}
     for name, p in model.named_parameters():
         t = p.grad if grads else p.detach()
-        if t is None:
-            continue
-        if isinstance(t, DTensor):
-            t = t.full_tensor()
-        elif id(p) in expert_ids and ctx.dims.ep > 1:
-            parts = [torch.empty_like(t) for _ in range(ctx.dims.ep)]
-            dist.all_gather(parts, t.contiguous(), group=ctx.group("ep"))
-            t = torch.cat(parts)
-        out[name] = t
+        if t is not None:
+            out[name] = t.full_tensor() if isinstance(t, DTensor) else t
     return out

@@ -30,6 +30,7 @@ from torch import Tensor
 from model.config import ConfigError, MoEConfig
 from model.moe import RoutingStats
 from model.transformer import Decoder, ModelOutput
+from parallel.data_parallel import reduce_across_replicas
 
 
 def stage_layer_counts(num_layers: int, pp: int, layers_per_stage: list[int] | None) -> list[int]:
@@ -168,9 +169,10 @@ class PipelineSchedule:
             outputs.append(out.router_logits_TE)
         return _InFlight(inputs, outputs, out.aux_loss / n_micro, out)
 
-    def _backward(self, job: _InFlight, grads: list[Tensor] | None) -> list[Tensor] | None:
+    def _backward(self, job: _InFlight, grads: list[Tensor] | None, last: bool) -> list[Tensor] | None:
         from train.step import loss_context
 
+        reduce_across_replicas(self.model, now=last)
         if self.is_last:
             with loss_context(job.out):
                 job.outputs[0].backward()
@@ -228,14 +230,14 @@ class PipelineSchedule:
         for i in range(n - warmup):
             job = forward(warmup + i, received)
             grads = self._p2p(None if self.is_last else job.outputs, self.next, recv_bwd_shapes, self.next, device)
-            input_grads = self._backward(in_flight.pop(0), grads)
+            input_grads = self._backward(in_flight.pop(0), grads, last=warmup == 0 and i == n - 1)
             if i == n - warmup - 1:
                 self._p2p(input_grads, self.prev, None, None, device)
             else:
                 received = self._p2p(input_grads, self.prev, recv_fwd_shapes, self.prev, device)
-        for _ in range(warmup):
+        for i in range(warmup):
             grads = self._p2p(None, None, recv_bwd_shapes, self.next, device)
-            input_grads = self._backward(in_flight.pop(0), grads)
+            input_grads = self._backward(in_flight.pop(0), grads, last=i == warmup - 1)
             self._p2p(input_grads, self.prev, None, None, device)
         return StageResult(ce_sum, aux_sum, routing)
 

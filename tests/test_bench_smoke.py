@@ -155,3 +155,12 @@ def test_checkpoint_io_times_every_operation(tmp_path):
     assert record["benchmark"] == "checkpoint_io" and record["params"] > 0 and record["size_mb"] > 0
     assert 0 <= record["save_async_stall_s"] <= record["save_async_s"]
     assert not (tmp_path / "ckpt").exists()  # the benchmark removes its checkpoints
+
+
+def test_memory_reports_sharded_state_and_throughput(tmp_path):
+    args = ("--preset", "tiny-cpu", "--dps", "1", "2", "--steps", "1", "--rounds", "1")
+    out, record = run_bench("memory.py", *args, out=tmp_path / "m.json")
+    one, two = table_rows(out, "1"), table_rows(out, "2")
+    assert float(one[0][3]) == 1.0 and 0.99 < float(two[0][3]) <= 1.05  # fsdp at dp=2 holds half the state
+    assert re.search(r"fsdp / replicate = \*\*[0-9.]+\*\*", out)
+    assert record["benchmark"] == "memory" and {"state", "throughput"} <= record.keys()

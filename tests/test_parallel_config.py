@@ -81,3 +81,51 @@ def test_timeout_must_be_a_positive_finite_number_of_seconds(value, message):
     with pytest.raises(ConfigError) as info:
         load_config("configs/tiny-cpu.yaml", [f"parallel.timeout_s={value}"])
     assert str(info.value).startswith(f"parallel.timeout_s: {message}")
+
+
+def test_data_parallel_modes_split_dp_into_replicas_and_shards():
+    def dims(**kw):
+        return ParallelDims.from_config(ParallelConfig(**kw), 8)
+
+    assert (dims().dp_replicate, dims().dp_shard, dims().edp_shard) == (8, 1, 1)
+    fsdp = dims(data_parallel="fsdp", ep=2)
+    assert (fsdp.dp_replicate, fsdp.dp_shard, fsdp.edp, fsdp.edp_shard) == (1, 8, 4, 4)
+    hsdp = dims(data_parallel="hsdp", dp_shard=4, ep=2)
+    assert (hsdp.dp_replicate, hsdp.dp_shard, hsdp.edp_shard) == (2, 4, 2)
+    assert not ParallelDims.from_config(ParallelConfig(), 1).sharded  # one process stays plain tensors
+    assert ParallelDims.from_config(ParallelConfig(data_parallel="fsdp"), 1).sharded
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world", "message"),
+    [
+        (["parallel.data_parallel=zero3"], 4, "parallel.data_parallel: 'zero3' is not one of replicate, fsdp, hsdp"),
+        (["parallel.data_parallel=hsdp"], 4, "parallel.dp_shard: hsdp needs the shard group size"),
+        (["parallel.data_parallel=hsdp", "parallel.dp_shard=3"], 4, "parallel.dp_shard: 3 does not divide dp=4"),
+        (["parallel.data_parallel=hsdp", "parallel.dp_shard=0"], 4, "parallel.dp_shard: must be >= 1"),
+        (
+            ["parallel.data_parallel=hsdp", "parallel.dp_shard=2", "parallel.ep=4"],
+            4,
+            "parallel.ep: ep=4 does not divide parallel.dp_shard=2 (hsdp keeps each expert-parallel group inside",
+        ),
+        (["parallel.data_parallel=fsdp", "parallel.dp_shard=2"], 4, "parallel.dp_shard: only used with"),
+        (["parallel.mixed_precision=fp16"], 4, "parallel.mixed_precision: 'fp16' is not one of auto, bf16, fp32"),
+        (["parallel.reshard_after_forward=maybe"], 4, "parallel.reshard_after_forward: expected true or false"),
+    ],
+)
+def test_bad_data_parallel_settings_are_one_line_errors(overrides, world, message):
+    with pytest.raises(ConfigError) as info:
+        cfg = load_config("configs/tiny-cpu.yaml", overrides)
+        ParallelDims.from_config(cfg.parallel, world)
+    assert str(info.value).startswith(message), str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_bf16_parameters_need_bf16_autocast():
+    from parallel.data_parallel import check_mixed_precision
+
+    check_mixed_precision("auto", "cpu", autocast_bf16=False)  # fp32 on CPU
+    check_mixed_precision("bf16", "cpu", autocast_bf16=True)
+    for setting, device in (("bf16", "cpu"), ("auto", "cuda")):
+        with pytest.raises(ConfigError, match=r"^parallel.mixed_precision: .* set train.dtype=bf16 or parallel"):
+            check_mixed_precision(setting, device, autocast_bf16=False)

@@ -47,10 +47,10 @@ from torch import Tensor, nn
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor
 
 from model.config import ConfigError, ModelConfig, MoEConfig
-from model.experts import FFNExperts
+from parallel.data_parallel import reshard
 from parallel.mesh import CollectiveError, ParallelContext
 from train.checkpoint_integrity import require_checksums_for, shard_checksums, verify_checksums
 from train.checkpoint_safety import (
@@ -109,34 +109,28 @@ class SafeFileSystemReader(FileSystemReader):
 # State dicts: live tensors, wrapped so DCP knows how each is sharded
 
 
-def _wrap(t: Tensor, is_expert: bool, ctx: ParallelContext) -> Tensor:
-    """DTensors (tensor parallel) pass through; expert weights sharded over ep become DTensors sharded on dim 0 of
-    the ep mesh; everything else is the full tensor, identical on every rank (DCP keeps one copy)."""
-    if isinstance(t, DTensor):
-        return t
-    t = t.detach()
-    if is_expert and ctx.dims.ep > 1:
-        return DTensor.from_local(t, ctx.mesh["ep"], [Shard(0)], run_check=False)
-    return t
+def _wrap(t: Tensor) -> Tensor:
+    """DTensors (tensor-, expert- and data-parallel shards) pass through; everything else is the full tensor,
+    identical on every rank (DCP keeps one copy)."""
+    return t if isinstance(t, DTensor) else t.detach()
 
 
 def training_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, ctx: ParallelContext) -> dict[str, Any]:
     """{"model": {name: tensor}, "optim": {name: {"exp_avg", "exp_avg_sq", "step"}}}, views of the live tensors
     (parameters and persistent buffers), so dcp.load fills the model and optimizer in place."""
-    expert_ids = {id(p) for m in model.modules() if isinstance(m, FFNExperts) for p in m.parameters()}
+    reshard(model)  # the optimizer's sharded parameters, never gathered copies
     model_sd, optim_sd = {}, {}
     for name, p in model.named_parameters():
-        is_expert = id(p) in expert_ids
-        model_sd[name] = _wrap(p, is_expert, ctx)
+        model_sd[name] = _wrap(p)
         state = optimizer.state.get(p) if optimizer is not None else None
         if state:
-            optim_sd[name] = {k: (_wrap(v, is_expert, ctx) if v.shape == p.shape else v) for k, v in state.items()}
+            optim_sd[name] = {k: (_wrap(v) if v.shape == p.shape else v) for k, v in state.items()}
     # Persistent buffers are training state that no gradient moves (the aux-free routing bias, the ETR capacity
     # schedule); replicated on every rank.
     params = dict(model.named_parameters())
     for name, value in model.state_dict(keep_vars=True).items():
         if name not in params:
-            model_sd[name] = _wrap(value, False, ctx)
+            model_sd[name] = _wrap(value)
     return {"model": model_sd, "optim": optim_sd} if optimizer is not None else {"model": model_sd}
 
 

@@ -12,12 +12,13 @@ from train.config import OptimConfig
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    # Norm gains (1-D) are not decayed, as in Megatron and torchtitan. Tensor-parallel (DTensor) and plain
-    # parameters go to separate groups: the fused kernel refuses to mix them in one call.
-    buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    # Norm gains (1-D) are not decayed, as in Megatron and torchtitan. Plain parameters and DTensors of each mesh
+    # (tensor, expert and data parallel) go to separate groups: the fused kernel refuses to mix them in one call.
+    buckets: dict[tuple[bool, tuple[str, ...]], list[nn.Parameter]] = {}
     for p in model.parameters():
         if p.requires_grad:
-            buckets.setdefault((p.ndim >= 2, isinstance(p, DTensor)), []).append(p)
+            mesh = tuple(p.device_mesh.mesh_dim_names or ()) if isinstance(p, DTensor) else ()
+            buckets.setdefault((p.ndim >= 2, mesh), []).append(p)
     groups = [
         {"params": params, "weight_decay": cfg.weight_decay if decay else 0.0}
         for (decay, _), params in sorted(buckets.items())

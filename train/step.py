@@ -7,7 +7,7 @@ Whether the resulting state may be saved (state_is_finite) is asked at save time
 
 Normalisation of the cross-entropy: the step's CE is the mean over every position with a loss in the whole global
 batch (all micro-batches, all data-parallel ranks), N of them. Each micro-batch contributes its *summed* CE times
-`dp / N`, so a rank's CE is dp x (its share of the sum) / N and the mean over dp ranks, which GradSync's 1/dp
+`dp / N`, so a rank's CE is dp x (its share of the sum) / N and the mean over dp ranks, which data parallelism's 1/dp
 gradient averaging and the logger both take, is sum / N: gradient accumulation and data parallelism give the single
 process's loss and gradients whatever the micro-batch split. Without `data.eod_mask_loss` every micro-batch holds
 the same number of positions and N is known; with it, the masked positions vary, so N is counted from the step's
@@ -31,6 +31,7 @@ from data.packing import IGNORE_INDEX, DocumentPacking
 from model.moe import RoutingStats
 from model.routers import Router
 from model.transformer import ModelOutput, sum_terms
+from parallel.data_parallel import reduce_across_replicas, reshard
 from parallel.grads import GradSync
 from parallel.pipeline import PipelineSchedule
 
@@ -46,10 +47,14 @@ class StepResult:
     skipped: bool = False  # non-finite loss or gradient: the optimizer did not step
 
 
+def use_bf16_autocast(device: torch.device, dtype: str) -> bool:
+    """train.dtype resolved: bf16 autocast on CUDA by default; fp32 (no autocast) on CPU unless it says bf16."""
+    return dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
+
+
 def autocast_context(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA by default; fp32 (no autocast) on CPU unless train.dtype says bf16."""
-    use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
-    if not use_bf16:
+    if not use_bf16_autocast(device, dtype):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
@@ -156,6 +161,8 @@ def state_is_finite(
     rank has a finite norm (a NaN/inf element fails, and so do values whose squares overflow, such as the weights a
     huge learning rate leaves). One read of the whole state, one all-reduce and one host-device sync: save time
     only, never per step."""
+    reshard(model)  # the optimizer's sharded parameters, not gathered copies
+    # Each rank checks its own shards (the local part of every DTensor); the all-reduce below covers the rest.
     local = [t.to_local() if isinstance(t, DTensor) else t for t in _state_tensors(model, optimizer)]
     finite = torch.isfinite(torch.nn.utils.get_total_norm(local, foreach=True))
     if last_step is not None:
@@ -195,11 +202,12 @@ def local_forward_backward(
     ce_sum = torch.zeros((), device=micro_batches[0].device)
     aux_sum = torch.zeros((), device=micro_batches[0].device)
     routing: list[RoutingStats] | None = None
-    for tokens in micro_batches:
+    for i, tokens in enumerate(micro_batches):
         inputs, targets, doc_inputs = window_inputs(tokens, documents)
         with amp:
             out = model(inputs, **doc_inputs)
         ce = lm_loss(out, targets, reduction="sum") * scale
+        reduce_across_replicas(model, now=i == n - 1)
         with loss_context(out):
             (ce + out.aux_loss / n).backward()
         ce_sum += ce.detach()

@@ -23,6 +23,7 @@ from model.moe import RoutingStats
 from model.routers import EtrRouter, Router
 from model.transformer import Decoder
 from parallel import parallelize, pipeline_schedule
+from parallel.data_parallel import check_mixed_precision
 from parallel.grads import GradSync
 from parallel.mesh import ParallelContext, init_parallel
 from train.checkpoint import Checkpointer, check_compatible, find_latest, load_training_state, read_meta
@@ -32,7 +33,7 @@ from train.flops import device_peak_tflops, flops_per_token, tflops_per_device
 from train.metrics import MetricsLogger, format_duration, routing_summary
 from train.optim import build_optimizer, lr_at, set_lr
 from train.signals import ShutdownRequest
-from train.step import StepResult, autocast_context, state_is_finite, train_step
+from train.step import StepResult, autocast_context, state_is_finite, train_step, use_bf16_autocast
 
 
 class NonFiniteStateError(RuntimeError):
@@ -80,6 +81,8 @@ def run(cfg: Config) -> dict[str, Any]:
     ctx = init_parallel(cfg.parallel, resolve_device_type(cfg.train.device))
     device = ctx.device
     tc = cfg.train
+    if ctx.dims.sharded:
+        check_mixed_precision(cfg.parallel.mixed_precision, device.type, use_bf16_autocast(device, tc.dtype))
     n_micro = micro_batches_per_step(cfg, ctx.dims.dp)
     # Every rank builds the same full model from the same seed, then keeps its shards.
     torch.manual_seed(tc.seed)
@@ -127,7 +130,8 @@ def run(cfg: Config) -> dict[str, Any]:
     logger.write(
         f"{cfg.name}: {counts[0] / 1e6:.2f}M parameters ({counts[1] / 1e6:.2f}M active at most), "
         f"{tc.max_steps} steps x {tokens_per_step} tokens on {device}, world {d.world_size} = "
-        f"pp {d.pp} x tp {d.tp} x dp {d.dp} (ep {d.ep}), {n_micro} micro-batch(es) of {tc.micro_batch_size} per rank"
+        f"pp {d.pp} x tp {d.tp} x dp {d.dp} (ep {d.ep}), {d.data_parallel} data parallelism, {n_micro} "
+        f"micro-batch(es) of {tc.micro_batch_size} per rank"
         + (f"; synthetic corpus, entropy {entropy:.4f} nats/token" if entropy is not None else "")
         + (f"; {describe_documents(documents)}" if documents is not None else "")
         + (f"; resumed from {resume_from} (step {start_step})" if resume_from is not None else "")

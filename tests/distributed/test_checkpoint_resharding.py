@@ -1,5 +1,6 @@
-"""Distributed checkpoints: a checkpoint saved in one layout loads in another (DCP reshards), and a run resumed
-under expert parallelism continues bit for bit."""
+"""Distributed checkpoints: a checkpoint saved in one layout loads in another (DCP reshards: logits equal, AdamW
+state restored), and a resumed run continues bit for bit (expert parallelism through torchrun, fsdp with experts
+sharded over their replicas in-process)."""
 
 import json
 import os
@@ -25,6 +26,30 @@ def test_dp2_ep2_checkpoint_loads_under_ep4_ep1_tp2(tmp_path):
 def test_tp2_ep2_checkpoint_loads_in_one_process(tmp_path):
     run_world(workers.save_layout, 4, 2, 2, str(tmp_path))
     run_world(workers.load_layout, 1, 1, 1, str(tmp_path))
+
+
+def test_fsdp_checkpoint_loads_under_hsdp_replicate_tp_and_one_process(tmp_path):
+    run_world(workers.save_in, 4, {"data_parallel": "fsdp", "ep": 2}, str(tmp_path))  # experts: 2 of 8 per rank
+    layouts = [{"data_parallel": "hsdp", "dp_shard": 2}, {"tp": 2, "ep": 2}, {"data_parallel": "fsdp", "tp": 2}]
+    run_world(workers.load_in, 4, layouts, str(tmp_path))
+    workers.load_in(0, 1, [{}], str(tmp_path))  # one process: plain tensors
+
+
+def test_fsdp_tp2_ep2_checkpoint_passes_the_load_checks_in_one_process(tmp_path):
+    # Dense weights are strided (dp, tp) shards, FFN experts shards on (edp, ep): the metadata's chunks must still
+    # tile every tensor, with every tensor of the one-process model covered, and the checksums recorded.
+    run_world(workers.save_in, 4, {"data_parallel": "fsdp", "tp": 2, "ep": 2}, str(tmp_path))
+    workers.load_in(0, 1, [{}], str(tmp_path))
+
+
+def test_one_process_checkpoint_loads_under_fsdp_and_hsdp(tmp_path):
+    workers.save_in(0, 1, {}, str(tmp_path))
+    layouts = [{"data_parallel": "fsdp", "ep": 2}, {"data_parallel": "hsdp", "dp_shard": 2, "ep": 2}]
+    run_world(workers.load_in, 4, layouts, str(tmp_path))
+
+
+def test_fsdp_resume_is_bit_exact(tmp_path):
+    run_world(workers.resume_exact, 4, {"data_parallel": "fsdp", "ep": 2}, str(tmp_path))
 
 
 def _torchrun(run_dir: Path, *extra: str) -> None:

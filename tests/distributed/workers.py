@@ -56,7 +56,7 @@ def _close(name: str, got: torch.Tensor, want: torch.Tensor, rtol: float = RTOL,
 def _reduce_and_compare_grads(par, ref, ctx, sync: GradSync) -> dict[str, torch.Tensor]:
     """Reduce the parallel model's gradients and compare every one with the reference's; returns the latter."""
     sync.reduce()
-    grads = full_tensors(par, ctx, grads=True)
+    grads = full_tensors(par, grads=True)
     ref_grads = {n: p.grad for n, p in ref.named_parameters()}
     assert grads.keys() == ref_grads.keys(), sorted(set(grads) ^ set(ref_grads))
     for name, want in ref_grads.items():
@@ -65,7 +65,98 @@ def _reduce_and_compare_grads(par, ref, ctx, sync: GradSync) -> dict[str, torch.
 
 
 def equivalence(rank: int, world: int, tp: int, ep: int, capacity: float | None, steps: int, sp: bool = False) -> None:
-    ctx = init_parallel(ParallelConfig(tp=tp, ep=ep, sequence_parallel=sp), "cpu")
+    check_equivalence(ParallelConfig(tp=tp, ep=ep, sequence_parallel=sp), capacity, steps)
+
+
+def layouts(rank: int, world: int, cases: dict[str, dict]) -> None:
+    """Several layouts in one world, one after the other (each builds its own meshes from the same process group):
+    {name: ParallelConfig keys, plus "pipeline": (num_layers, every_n_layers) for a pipeline case}."""
+    for name, case in cases.items():
+        case = dict(case)
+        pipeline = case.pop("pipeline", None)
+        bf16 = case.pop("bf16", False)
+        try:
+            if bf16:
+                check_bf16_step(ParallelConfig(**case, mixed_precision="bf16"))
+            elif pipeline is None:
+                check_equivalence(ParallelConfig(**case), None, 3)
+            else:
+                check_pipeline(ParallelConfig(**case), *pipeline)
+        except Exception as e:
+            e.add_note(f"in layout {name}")
+            raise
+
+
+def check_sharded_state(par, opt_par, ref, ctx) -> None:
+    """Parameters + AdamW moments under fsdp/hsdp: every element is held by exactly one rank of a shard group (the
+    local sizes add up to the single-process total), so each rank holds ~1/dp_shard of it; FFN experts are split
+    over ep x their expert shard group."""
+    dims = ctx.dims
+    mine = 0
+    for p in par.parameters():
+        state = opt_par.state[p]
+        mine += sum(t.to_local().numel() for t in (p, state["exp_avg"], state["exp_avg_sq"]))
+    total = 3 * sum(p.numel() for p in ref.parameters())
+    dense = ctx.meshes["dense"]
+    shard_group = dense.get_group() if dense.ndim == 1 else dense["dp_shard"].get_group()
+    held = torch.tensor([mine])
+    dist.all_reduce(held, group=shard_group)
+    assert held.item() == total, (held.item(), total)
+    assert mine <= 1.05 * total / dims.dp_shard, (mine, total, dims.dp_shard)
+    for m in par.modules():
+        if hasattr(m, "w_up") and isinstance(m.w_up, torch.distributed.tensor.DTensor):
+            # num_experts / (ep x edp_shard) experts per rank (or that share of each when they do not split)
+            local = m.w_up.to_local()
+            assert local.numel() * dims.ep * dims.edp_shard == m.w_up.numel(), (local.shape, m.w_up.shape)
+
+
+def check_bf16_step(pcfg: ParallelConfig) -> None:
+    """Mixed precision: the layers compute with bf16 copies of the parameters while the sharded parameters (the
+    optimizer's master weights) and the reduced gradients stay fp32. Loss and gradients are those of the fp32
+    single-process model under bf16 autocast, to bf16 accuracy (loss rtol 2e-2, each gradient within 5% of its
+    norm). The weights start bf16-representable, so both models route alike (a token changing expert over a
+    rounding difference would move that expert's gradient by far more than rounding)."""
+    ctx = init_parallel(pcfg, "cpu")
+    dp = ctx.dims.dp
+    mcfg, moecfg = tiny_model_configs()
+    torch.manual_seed(0)
+    ref = Decoder(mcfg, moecfg)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(p.bfloat16())
+    par = parallelize(copy.deepcopy(ref), ctx)
+    batch = torch.randint(0, mcfg.vocab_size, (2 * dp, 13), generator=torch.Generator().manual_seed(1))
+    shard = batch.chunk(dp)[ctx.dp_rank]
+    seen = []
+    par.layers["0"].attention.wq.register_forward_pre_hook(lambda m, args: seen.append(m.weight.dtype))
+    amp = torch.autocast("cpu", dtype=torch.bfloat16)
+    with amp:
+        out = par(shard[:, :-1])
+    loss = lm_loss(out, shard[:, 1:]) + out.aux_loss
+    loss.backward()
+    GradSync(par, ctx).reduce()
+    with amp:
+        out_ref = ref(shard[:, :-1])
+    ref_loss = lm_loss(out_ref, shard[:, 1:]) + out_ref.aux_loss
+    torch.testing.assert_close(loss.detach(), ref_loss.detach(), rtol=2e-2, atol=0)
+    assert seen == [torch.bfloat16], seen
+    with amp:  # the reference's gradient: the mean loss over the dp shards
+        outs = [ref(s[:, :-1]) for s in batch.chunk(dp)]
+    ref.zero_grad()
+    sum((lm_loss(o, s[:, 1:]) + o.aux_loss) / dp for o, s in zip(outs, batch.chunk(dp), strict=True)).backward()
+    grads = full_tensors(par, grads=True)
+    for name, p in par.named_parameters():
+        assert p.dtype == torch.float32 and p.grad.dtype == torch.float32, (name, p.dtype, p.grad.dtype)
+    for name, want in ref.named_parameters():
+        err = (grads[name] - want.grad).norm() / want.grad.norm().clamp_min(1e-12)
+        assert err < 0.05, (name, float(err))
+
+
+def check_equivalence(pcfg: ParallelConfig, capacity: float | None, steps: int) -> None:
+    """The layout's model against the single-process model with the same weights: logits, loss, every gradient and
+    the global norm of step 0, then the parameters after `steps` AdamW steps (plus the sharded state under
+    fsdp/hsdp)."""
+    ctx = init_parallel(pcfg, "cpu")
     dp = ctx.dims.dp
     mcfg, moecfg = tiny_model_configs(capacity=capacity)
     torch.manual_seed(0)
@@ -104,16 +195,19 @@ def equivalence(rank: int, world: int, tp: int, ep: int, capacity: float | None,
     ref.zero_grad(set_to_none=True)
     par.zero_grad(set_to_none=True)
 
-    # Optimizer steps: the reference sees the dp shards as micro-batches (same per-micro-batch statistics).
+    # Optimizer steps with gradient accumulation over two micro-batches of one sequence per rank; the reference
+    # sees every rank's micro-batches as its own (same per-micro-batch statistics).
     optim_cfg = OptimConfig(lr=1e-2, weight_decay=0.1, eps=ADAM_EPS)
     opt_ref, opt_par = build_optimizer(ref, optim_cfg), build_optimizer(par, optim_cfg)
     for step in range(1, steps + 1):
-        r = train_step(ref, opt_ref, shards[step], clip_grad=0.05)
-        p = train_step(par, opt_par, [shards[step][mine]], clip_grad=0.05, grad_sync=sync)
+        r = train_step(ref, opt_ref, list(batches[step].split(1)), clip_grad=0.05)
+        p = train_step(par, opt_par, list(shards[step][mine].split(1)), clip_grad=0.05, grad_sync=sync)
         _close(f"step {step} grad norm", p.grad_norm, r.grad_norm)
-    params = full_tensors(par, ctx)
+    params = full_tensors(par)
     for name, want in ref.named_parameters():
         _close(f"param {name} after {steps} steps", params[name], want.detach(), PARAM_RTOL, PARAM_ATOL)
+    if ctx.dims.data_parallel != "replicate" and ctx.dims.tp == 1:
+        check_sharded_state(par, opt_par, ref, ctx)
 
 
 def a2a_volume(rank: int, world: int) -> None:
@@ -178,6 +272,7 @@ def bf16_payload(rank: int, world: int) -> None:
     """Under bf16 autocast the all-to-alls move bf16 rows in both directions, forward and backward (the byte counts
     say so too), and the layer's output and fp32 gradients match the single-process layer's under autocast."""
     from model.moe import MoELayer
+    from parallel.data_parallel import apply_data_parallel
     from parallel.expert_parallel import apply_expert_parallel
 
     ctx = init_parallel(ParallelConfig(ep=world), "cpu")
@@ -185,7 +280,8 @@ def bf16_payload(rank: int, world: int) -> None:
     torch.manual_seed(0)
     ref = MoELayer(32, moecfg, ffn_hidden_size=16, has_residual=False)
     par = copy.deepcopy(ref)
-    apply_expert_parallel(par, ctx.group("ep"))
+    apply_expert_parallel(par, ctx.mesh["ep"])
+    apply_data_parallel(par, ctx)  # the router's gradients are averaged over the ranks
     xs = [torch.randn(10, 32, generator=torch.Generator().manual_seed(r)) for r in range(world)]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref_out = [ref(x, None)[0] for x in xs]
@@ -205,7 +301,7 @@ def bf16_payload(rank: int, world: int) -> None:
     # The same arithmetic as one process under autocast (bf16 GEMMs, fp32 sums): equal up to summation order.
     _close("output", out.detach(), ref_out[rank].detach(), rtol=1e-2, atol=1e-3)
     GradSync(par, ctx).reduce()
-    grads = full_tensors(par, ctx, grads=True)
+    grads = full_tensors(par, grads=True)
     for name, p in ref.named_parameters():
         assert grads[name].dtype == torch.float32, name
         _close(f"grad {name}", grads[name], p.grad, rtol=2e-2, atol=1e-3)
@@ -224,9 +320,11 @@ def empty_rank(rank: int, world: int) -> None:
         ref.router.wg.weight.fill_(-1.0)
         ref.router.wg.weight[:2] = 1.0
     par = copy.deepcopy(ref)
+    from parallel.data_parallel import apply_data_parallel
     from parallel.expert_parallel import apply_expert_parallel
 
-    apply_expert_parallel(par, ctx.group("ep"))
+    apply_expert_parallel(par, ctx.mesh["ep"])
+    apply_data_parallel(par, ctx)
     x = torch.rand(6, 16, generator=torch.Generator().manual_seed(rank)) + 0.1  # positive: experts 0, 1 win
     xs = [torch.rand(6, 16, generator=torch.Generator().manual_seed(r)) + 0.1 for r in range(world)]
     ref_out = [ref(xi, None)[0] for xi in xs]
@@ -236,7 +334,7 @@ def empty_rank(rank: int, world: int) -> None:
     _close("output", out, ref_out[rank].detach())
     out.square().sum().backward()
     GradSync(par, ctx).reduce()
-    grads = full_tensors(par, ctx, grads=True)
+    grads = full_tensors(par, grads=True)
     for name, p in ref.named_parameters():
         _close(f"grad {name}", grads[name], p.grad)
 
@@ -245,19 +343,35 @@ def _fixed_tokens() -> torch.Tensor:
     return torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(7))
 
 
+@torch.no_grad()
 def _full_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     logits = model(tokens).logits_BSV
     return (logits.full_tensor() if hasattr(logits, "full_tensor") else logits).detach()
 
 
+def _full_optimizer_state(model, opt) -> dict[str, torch.Tensor]:
+    """AdamW moments by parameter name as full tensors (a collective)."""
+    out = {}
+    for name, p in model.named_parameters():
+        for key in ("exp_avg", "exp_avg_sq"):
+            t = opt.state[p][key]
+            out[f"{name}.{key}"] = t.full_tensor() if hasattr(t, "full_tensor") else t
+    return out
+
+
 def save_layout(rank: int, world: int, tp: int, ep: int, ckpt_dir: str) -> None:
-    """One training step in this layout, then a DCP checkpoint and the full logits it gives (logits.pt)."""
+    save_in(rank, world, {"tp": tp, "ep": ep}, ckpt_dir)
+
+
+def save_in(rank: int, world: int, layout: dict, ckpt_dir: str) -> None:
+    """One training step in this layout (ParallelConfig keys), then a DCP checkpoint, the full logits it gives
+    (logits.pt) and its full AdamW moments (optim.pt)."""
     import dataclasses
     from pathlib import Path
 
     from train.checkpoint import Checkpointer
 
-    ctx = init_parallel(ParallelConfig(tp=tp, ep=ep), "cpu")
+    ctx = init_parallel(ParallelConfig(**layout), "cpu")
     mcfg, moecfg = tiny_model_configs()
     torch.manual_seed(0)
     model = parallelize(Decoder(mcfg, moecfg), ctx)
@@ -267,27 +381,79 @@ def save_layout(rank: int, world: int, tp: int, ep: int, ckpt_dir: str) -> None:
     meta = {"consumed_samples": 0, "config": {"model": dataclasses.asdict(mcfg), "moe": dataclasses.asdict(moecfg)}}
     Checkpointer(Path(ckpt_dir), ctx, keep_last=1).save(1, model, opt, meta)
     logits = _full_logits(model, _fixed_tokens())
+    moments = _full_optimizer_state(model, opt)
     if rank == 0:
         torch.save(logits, Path(ckpt_dir) / "logits.pt")
+        torch.save(moments, Path(ckpt_dir) / "optim.pt")
 
 
 def load_layout(rank: int, world: int, tp: int, ep: int, ckpt_dir: str) -> None:
-    """A differently initialised model in another layout loads the checkpoint and gives the same logits; its
-    optimizer state is the saved one too (the next step matches a step taken from the saved layout's state)."""
+    load_in(rank, world, [{"tp": tp, "ep": ep}], ckpt_dir)
+
+
+def load_in(rank: int, world: int, layouts: list[dict], ckpt_dir: str) -> None:
+    """In each layout, a differently initialised model loads the checkpoint: the same logits, and the saved AdamW
+    state (every moment, as full tensors, and the step count)."""
     from pathlib import Path
 
     from train.checkpoint import load_training_state
 
-    ctx = init_parallel(ParallelConfig(tp=tp, ep=ep), "cpu")
+    want_logits = torch.load(Path(ckpt_dir) / "logits.pt")
+    want_moments = torch.load(Path(ckpt_dir) / "optim.pt")
+    for layout in layouts:
+        ctx = init_parallel(ParallelConfig(**layout), "cpu")
+        mcfg, moecfg = tiny_model_configs()
+        torch.manual_seed(123)  # different weights: everything must come from the checkpoint
+        model = parallelize(Decoder(mcfg, moecfg), ctx)
+        opt = build_optimizer(model, OptimConfig(lr=1e-2))
+        meta = load_training_state(Path(ckpt_dir) / "step_00000001", model, opt, ctx)
+        assert meta["step"] == 1
+        _close(f"logits after reload in {layout}", _full_logits(model, _fixed_tokens()), want_logits)
+        moments = _full_optimizer_state(model, opt)
+        assert moments.keys() == want_moments.keys()
+        for key, want in want_moments.items():
+            _close(f"{key} after reload in {layout}", moments[key], want)
+        steps = {float(s["step"]) for s in opt.state.values()}
+        assert steps == {1.0}, steps
+
+
+def resume_exact(rank: int, world: int, layout: dict, ckpt_dir: str) -> None:
+    """Four steps straight, against two steps, a checkpoint, and a differently initialised model that loads it and
+    takes the other two: the same losses, gradient norms and final parameters, bit for bit."""
+    import dataclasses
+    from pathlib import Path
+
+    from train.checkpoint import Checkpointer, load_training_state
+
+    ctx = init_parallel(ParallelConfig(**layout), "cpu")
     mcfg, moecfg = tiny_model_configs()
-    torch.manual_seed(123)  # different weights: everything must come from the checkpoint
-    model = parallelize(Decoder(mcfg, moecfg), ctx)
-    opt = build_optimizer(model, OptimConfig(lr=1e-2))
-    meta = load_training_state(Path(ckpt_dir) / "step_00000001", model, opt, ctx)
-    assert meta["step"] == 1
-    _close("logits after reload", _full_logits(model, _fixed_tokens()), torch.load(Path(ckpt_dir) / "logits.pt"))
-    steps = {float(s["step"]) for s in opt.state.values()}
-    assert steps == {1.0}, steps
+    meta = {"consumed_samples": 0, "config": {"model": dataclasses.asdict(mcfg), "moe": dataclasses.asdict(moecfg)}}
+    dp = ctx.dims.dp
+    g = torch.Generator().manual_seed(5)
+    batches = [torch.randint(0, 64, (2 * dp, 13), generator=g).chunk(dp)[ctx.dp_rank] for _ in range(4)]
+
+    def fresh(seed: int):
+        torch.manual_seed(seed)
+        model = parallelize(Decoder(mcfg, moecfg), ctx)
+        return model, build_optimizer(model, OptimConfig(lr=1e-2, eps=ADAM_EPS)), GradSync(model, ctx)
+
+    def step(model, opt, sync, i: int):
+        return train_step(model, opt, list(batches[i].split(1)), 0.5, grad_sync=sync)
+
+    model, opt, sync = fresh(0)
+    straight = []
+    for i in range(4):
+        if i == 2:
+            Checkpointer(Path(ckpt_dir), ctx, keep_last=1).save(2, model, opt, meta)
+        straight.append(step(model, opt, sync, i))
+    resumed_model, resumed_opt, resumed_sync = fresh(123)
+    load_training_state(Path(ckpt_dir) / "step_00000002", resumed_model, resumed_opt, ctx)
+    for i in (2, 3):
+        r = step(resumed_model, resumed_opt, resumed_sync, i)
+        assert torch.equal(r.loss, straight[i].loss), (i, r.loss, straight[i].loss)
+        assert torch.equal(r.grad_norm, straight[i].grad_norm), (i, r.grad_norm, straight[i].grad_norm)
+    want, got = full_tensors(model), full_tensors(resumed_model)
+    assert all(torch.equal(got[k], want[k]) for k in want), [k for k in want if not torch.equal(got[k], want[k])]
 
 
 def pipeline_equivalence(
@@ -301,13 +467,17 @@ def pipeline_equivalence(
     pp_layers: list[int] | None,
     vanilla: bool = False,
 ) -> None:
+    check_pipeline(ParallelConfig(pp=pp, tp=tp, ep=ep, pp_layers=pp_layers), num_layers, every_n, vanilla)
+
+
+def check_pipeline(pcfg: ParallelConfig, num_layers: int, every_n: int, vanilla: bool = False) -> None:
     """Pipeline stages (1F1B, 3 micro-batches per rank) against the single-process model: loss, balance loss,
     every gradient and the parameters after 3 steps."""
     import dataclasses
 
     from parallel import pipeline_schedule
 
-    ctx = init_parallel(ParallelConfig(pp=pp, tp=tp, ep=ep, pp_layers=pp_layers), "cpu")
+    ctx = init_parallel(pcfg, "cpu")
     dp, n_micro = ctx.dims.dp, 3
     mcfg, moecfg = tiny_model_configs(vanilla=vanilla)
     mcfg = dataclasses.replace(mcfg, num_layers=num_layers)
@@ -338,12 +508,12 @@ def pipeline_equivalence(
     _close("loss", values[0], ce_ref)
     _close("balance loss", values[1], bal_ref / (dp * n_micro))
     sync.reduce()
-    grads = full_tensors(par, ctx, grads=True)
+    grads = full_tensors(par, grads=True)
     ref_grads = {n: p.grad for n, p in ref.named_parameters()}
     assert set(grads) <= set(ref_grads)
     for name, got in grads.items():
         _close(f"grad {name}", got, ref_grads[name])
-    seen = [None] * world
+    seen = [None] * dist.get_world_size()
     dist.all_gather_object(seen, sorted(grads))
     assert set().union(*map(set, seen)) == set(ref_grads)  # the stages together hold every parameter
     ref.zero_grad(set_to_none=True)
@@ -355,7 +525,7 @@ def pipeline_equivalence(
         r = train_step(ref, opt_ref, list(steps[step].split(1)), clip_grad=0.05)
         p = train_step(par, opt_par, mine(steps[step]), clip_grad=0.05, grad_sync=sync, pipeline=sched)
         _close(f"step {step} grad norm", p.grad_norm, r.grad_norm)
-    params = full_tensors(par, ctx)
+    params = full_tensors(par)
     ref_params = dict(ref.named_parameters())
     for name, got in params.items():
         _close(f"param {name} after 3 steps", got, ref_params[name].detach(), PARAM_RTOL, PARAM_ATOL)
@@ -506,7 +676,7 @@ def document_equivalence(rank: int, world: int, tp: int, ep: int, pp: int, sp: b
         ce, _, _ = local_forward_backward(par, mine(steps[0]), no_amp, packing, scale)
     _close("loss (mean over the unmasked positions of the global batch)", global_loss(ce), ce_ref)
     sync.reduce()
-    grads = full_tensors(par, ctx, grads=True)
+    grads = full_tensors(par, grads=True)
     ref_grads = {n: p.grad for n, p in ref.named_parameters()}
     for name, got in grads.items():
         _close(f"grad {name}", got, ref_grads[name])
@@ -525,7 +695,7 @@ def document_equivalence(rank: int, world: int, tp: int, ep: int, pp: int, sp: b
         )
         _close(f"step {step} loss", global_loss(p.loss), r.loss)
         _close(f"step {step} grad norm", p.grad_norm, r.grad_norm)
-    params = full_tensors(par, ctx)
+    params = full_tensors(par)
     ref_params = dict(ref.named_parameters())
     for name, got in params.items():
         _close(f"param {name} after 2 steps", got, ref_params[name].detach(), PARAM_RTOL, PARAM_ATOL)
@@ -604,7 +774,7 @@ def overlap_order(rank: int, world: int) -> None:
         for overlap in (True, False):
             torch.manual_seed(0)
             layer = MoELayer(32, moecfg, ffn_hidden_size=16, has_residual=False)
-            apply_expert_parallel(layer, ctx.group("ep"))
+            apply_expert_parallel(layer, ctx.mesh["ep"])
             layer.dispatcher.overlap = overlap
             zc = layer.zero_computation_output
 
