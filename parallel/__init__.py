@@ -6,8 +6,9 @@ from model.transformer import Decoder
 from parallel.mesh import ParallelContext
 
 
-def parallelize(model: Decoder, ctx: ParallelContext) -> Decoder:
-    """Rewrite the plain model in place for ctx's layout: tensor parallel first, then expert parallel."""
+def parallelize(model: Decoder, ctx: ParallelContext, compile: bool = False) -> Decoder:
+    """Rewrite the plain model in place for ctx's layout: pipeline stage, tensor parallel, then expert parallel;
+    with `compile`, each remaining block is then compiled (parallel/compile.py)."""
     from parallel.expert_parallel import apply_expert_parallel
     from parallel.tensor_parallel import apply_tensor_parallel
 
@@ -24,6 +25,10 @@ def parallelize(model: Decoder, ctx: ParallelContext) -> Decoder:
         from parallel.routing import install_router_hooks
 
         install_router_hooks(model, ctx)
+    if compile:
+        from parallel.compile import apply_compile
+
+        apply_compile(model)
     return model
 
 

@@ -263,6 +263,9 @@ class TrainConfig:
     exit_at_step: int | None = None
     # Steps whose loss or gradient norm is NaN/inf are skipped; this many in a row stop the run.
     max_nonfinite_steps: int = 5
+    # torch.compile each transformer block (inductor, static shapes); the MoE dispatch-to-combine section stays
+    # eager (parallel/compile.py says where the graphs break). The first steps pay the compile time.
+    compile: bool = False
 
     def validate(self) -> None:
         require(self.max_steps > 0, "train.max_steps", f"must be positive, got {self.max_steps}")
@@ -398,6 +401,12 @@ class Config:
             ("moe.shared_experts", self.moe.shared_ffn_hidden_size(self.model.ffn_hidden_size)),
         ):
             require(value % tp == 0, key, f"{value} is not divisible by parallel.tp={tp}")
+        require(
+            not (self.train.compile and tp > 1),
+            "train.compile",
+            "is not supported with parallel.tp > 1 (the compiled blocks' backward breaks DTensor's redistribution); "
+            "set train.compile=false or parallel.tp=1",
+        )
         self.data.validate_vocab(self.model.vocab_size)
         check_memory(self)
         self.data.validate_documents(self.model.vocab_size)

@@ -64,13 +64,23 @@ def _reduce_and_compare_grads(par, ref, ctx, sync: GradSync) -> dict[str, torch.
     return ref_grads
 
 
-def equivalence(rank: int, world: int, tp: int, ep: int, capacity: float | None, steps: int, sp: bool = False) -> None:
+def equivalence(
+    rank: int,
+    world: int,
+    tp: int,
+    ep: int,
+    capacity: float | None,
+    steps: int,
+    sp: bool = False,
+    compile: bool = False,
+) -> None:
+    """The parallel model (its blocks compiled with `compile`) against the eager single-process one."""
     ctx = init_parallel(ParallelConfig(tp=tp, ep=ep, sequence_parallel=sp), "cpu")
     dp = ctx.dims.dp
     mcfg, moecfg = tiny_model_configs(capacity=capacity)
     torch.manual_seed(0)
     ref = Decoder(mcfg, moecfg)
-    par = parallelize(copy.deepcopy(ref), ctx)
+    par = parallelize(copy.deepcopy(ref), ctx, compile=compile)
     g = torch.Generator().manual_seed(1)
     # Two sequences per data-parallel rank; rank d takes shard d (tp ranks of one replica share it).
     batches = [torch.randint(0, mcfg.vocab_size, (2 * dp, 13), generator=g) for _ in range(steps + 1)]
@@ -300,9 +310,10 @@ def pipeline_equivalence(
     every_n: int,
     pp_layers: list[int] | None,
     vanilla: bool = False,
+    compile: bool = False,
 ) -> None:
-    """Pipeline stages (1F1B, 3 micro-batches per rank) against the single-process model: loss, balance loss,
-    every gradient and the parameters after 3 steps."""
+    """Pipeline stages (1F1B, 3 micro-batches per rank; blocks compiled with `compile`) against the eager
+    single-process model: loss, balance loss, every gradient and the parameters after 3 steps."""
     import dataclasses
 
     from parallel import pipeline_schedule
@@ -314,7 +325,7 @@ def pipeline_equivalence(
     moecfg = dataclasses.replace(moecfg, every_n_layers=every_n)
     torch.manual_seed(0)
     ref = Decoder(mcfg, moecfg)
-    par = parallelize(copy.deepcopy(ref), ctx)
+    par = parallelize(copy.deepcopy(ref), ctx, compile=compile)
     sched = pipeline_schedule(par, ctx)
     sync = GradSync(par, ctx)
     g = torch.Generator().manual_seed(1)
@@ -465,7 +476,7 @@ def document_equivalence(rank: int, world: int, tp: int, ep: int, pp: int, sp: b
     mcfg, moecfg = tiny_model_configs()
     torch.manual_seed(0)
     ref = Decoder(mcfg, moecfg)
-    par = parallelize(copy.deepcopy(ref), ctx)
+    par = parallelize(copy.deepcopy(ref), ctx, compile=compile)
     sched = pipeline_schedule(par, ctx)
     sync = GradSync(par, ctx)
     packing = DocumentPacking(DOC_EOD, mask_attention=True, reset_positions=True, mask_loss=True)
