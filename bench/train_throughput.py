@@ -52,8 +52,8 @@ PRESETS = {
 DEFAULT_PRESETS = ["tiny-cpu", "moepp-0.6b-2layer", "moe-0.6b-2layer"]
 
 
-def run_preset(name: str, steps: int, warmup: int, device_name: str, compile: bool = False) -> dict:
-    """Train `warmup + steps` steps of a preset in this process; returns the measurements. With `compile`, each
+def run_preset(name: str, steps: int, warmup: int, device_name: str, compiled: bool = False) -> dict:
+    """Train `warmup + steps` steps of a preset in this process; returns the measurements. With `compiled`, each
     block is compiled as under train.compile (the warm-up steps pay the compile time and are not timed)."""
     from data.loader import build_data
     from model.transformer import Decoder
@@ -68,7 +68,7 @@ def run_preset(name: str, steps: int, warmup: int, device_name: str, compile: bo
     device = ctx.device
     torch.manual_seed(cfg.train.seed)
     model = Decoder(cfg.model, cfg.moe).to(device)
-    if compile:
+    if compiled:
         from parallel.compile import apply_compile
 
         apply_compile(model)
@@ -105,7 +105,7 @@ def run_preset(name: str, steps: int, warmup: int, device_name: str, compile: bo
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
     )
     return {
-        "preset": name + (" compiled" if compile else ""),
+        "preset": name + (" compiled" if compiled else ""),
         "params": model.num_params(),
         "tokens_per_step": tokens_per_step,
         "step_s": step_s,

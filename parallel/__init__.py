@@ -6,9 +6,10 @@ from model.transformer import Decoder
 from parallel.mesh import ParallelContext
 
 
-def parallelize(model: Decoder, ctx: ParallelContext, compile: bool = False) -> Decoder:
+def parallelize(model: Decoder, ctx: ParallelContext, *, compile_backend: str | None = None) -> Decoder:
     """Rewrite the plain model in place for ctx's layout: pipeline stage, tensor parallel, then expert parallel;
-    with `compile`, each remaining block is then compiled (parallel/compile.py)."""
+    with a `compile_backend` ("inductor", what train.compile uses), each remaining block is then compiled by it
+    (parallel/compile.py)."""
     from parallel.expert_parallel import apply_expert_parallel
     from parallel.tensor_parallel import apply_tensor_parallel
 
@@ -25,10 +26,10 @@ def parallelize(model: Decoder, ctx: ParallelContext, compile: bool = False) -> 
         from parallel.routing import install_router_hooks
 
         install_router_hooks(model, ctx)
-    if compile:
+    if compile_backend is not None:
         from parallel.compile import apply_compile
 
-        apply_compile(model)
+        apply_compile(model, compile_backend)
     return model
 
 

@@ -17,10 +17,10 @@ from __future__ import annotations
 from torch import nn
 
 
-def apply_compile(model: nn.Module) -> None:
+def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
     """Compile every block of `model.layers` in place (each one its own graph, so compile time grows with the number
     of distinct blocks, not with depth beyond them). Static shapes: every block sees the same [B, S, D] each step."""
     # Module.compile rather than wrapping in torch.compile's OptimizedModule: parameter names (and so checkpoints,
     # optimizer state and the HF export) stay those of the eager model.
     for block in model.layers.values():
-        block.compile(dynamic=False)
+        block.compile(backend=backend, dynamic=False)

@@ -61,11 +61,11 @@ def test_grouped_gemm_matches_the_loop_in_bf16_with_empty_experts():
         assert grads_grouped[1][e].abs().max() == 0 and grads_grouped[2][e].abs().max() == 0
 
 
-def run_steps(cfg, steps: int, compile: bool = False) -> list[float]:
+def run_steps(cfg, steps: int, compiled: bool = False) -> list[float]:
     torch.manual_seed(cfg.train.seed)
     model = Decoder(cfg.model, cfg.moe).cuda()
     model.init_weights()
-    if compile:
+    if compiled:
         apply_compile(model)
     optimizer = build_optimizer(model, cfg.optim)
     data = build_data(cfg.data, cfg.train.seed)
@@ -106,7 +106,7 @@ def test_compile_on_cuda_matches_eager_in_fp32_and_trains_in_bf16():
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=0)
     for name, g in grads_e.items():
         torch.testing.assert_close(grads_c[name], g, rtol=0, atol=1e-4 * g.abs().max().item() + 1e-12, msg=name)
-    losses = run_steps(tiny([*SMALL, "train.dtype=bf16"]), 15, compile=True)
+    losses = run_steps(tiny([*SMALL, "train.dtype=bf16"]), 15, compiled=True)
     assert all(map(torch.isfinite, torch.tensor(losses))) and losses[-1] < losses[0]
 
 

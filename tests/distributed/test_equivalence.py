@@ -31,7 +31,7 @@ def test_layout_matches_single_process(layout):
 def test_compiled_blocks_under_ep2_match_the_eager_single_process_model():
     # train.compile composes with expert parallelism: the all-to-all dispatcher runs in the eager section of each
     # compiled MoE block. One optimizer step after the forward/backward comparison (inductor's compile is the cost).
-    run_world(workers.equivalence, 2, 1, 2, None, 1, False, True)
+    run_world(workers.equivalence, 2, 1, 2, None, 1, False, "inductor")
 
 
 def test_capacity_dropping_matches_single_process_under_ep2():

@@ -26,7 +26,7 @@ def test_pipeline_matches_single_process(case):
 
 def test_compiled_blocks_under_pp2_match_the_eager_single_process_model():
     # train.compile composes with pipeline parallelism: each stage compiles the blocks it keeps.
-    run_world(workers.pipeline_equivalence, 2, 2, 1, 1, 4, 1, None, False, True)
+    run_world(workers.pipeline_equivalence, 2, 2, 1, 1, 4, 1, None, False, "inductor")
 
 
 def test_document_masking_across_pipeline_stages_matches_single_process():

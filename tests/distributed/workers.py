@@ -72,15 +72,15 @@ def equivalence(
     capacity: float | None,
     steps: int,
     sp: bool = False,
-    compile: bool = False,
+    compile_backend: str | None = None,
 ) -> None:
-    """The parallel model (its blocks compiled with `compile`) against the eager single-process one."""
+    """The parallel model (its blocks compiled by `compile_backend`) against the eager single-process one."""
     ctx = init_parallel(ParallelConfig(tp=tp, ep=ep, sequence_parallel=sp), "cpu")
     dp = ctx.dims.dp
     mcfg, moecfg = tiny_model_configs(capacity=capacity)
     torch.manual_seed(0)
     ref = Decoder(mcfg, moecfg)
-    par = parallelize(copy.deepcopy(ref), ctx, compile=compile)
+    par = parallelize(copy.deepcopy(ref), ctx, compile_backend=compile_backend)
     g = torch.Generator().manual_seed(1)
     # Two sequences per data-parallel rank; rank d takes shard d (tp ranks of one replica share it).
     batches = [torch.randint(0, mcfg.vocab_size, (2 * dp, 13), generator=g) for _ in range(steps + 1)]
@@ -310,9 +310,9 @@ def pipeline_equivalence(
     every_n: int,
     pp_layers: list[int] | None,
     vanilla: bool = False,
-    compile: bool = False,
+    compile_backend: str | None = None,
 ) -> None:
-    """Pipeline stages (1F1B, 3 micro-batches per rank; blocks compiled with `compile`) against the eager
+    """Pipeline stages (1F1B, 3 micro-batches per rank; blocks compiled by `compile_backend`) against the eager
     single-process model: loss, balance loss, every gradient and the parameters after 3 steps."""
     import dataclasses
 
@@ -325,7 +325,7 @@ def pipeline_equivalence(
     moecfg = dataclasses.replace(moecfg, every_n_layers=every_n)
     torch.manual_seed(0)
     ref = Decoder(mcfg, moecfg)
-    par = parallelize(copy.deepcopy(ref), ctx, compile=compile)
+    par = parallelize(copy.deepcopy(ref), ctx, compile_backend=compile_backend)
     sched = pipeline_schedule(par, ctx)
     sync = GradSync(par, ctx)
     g = torch.Generator().manual_seed(1)
@@ -463,7 +463,9 @@ def _packed_windows(rows: int, g: torch.Generator) -> torch.Tensor:
     return tokens
 
 
-def document_equivalence(rank: int, world: int, tp: int, ep: int, pp: int, sp: bool) -> None:
+def document_equivalence(
+    rank: int, world: int, tp: int, ep: int, pp: int, sp: bool, compile_backend: str | None = None
+) -> None:
     """Block-causal document attention, per-document positions and the EOD loss mask in a parallel layout against
     the single-process model, which sees every rank's micro-batches as its own: logits, the step's loss (the mean
     over the unmasked positions of the global batch), every gradient, and after 2 AdamW steps the parameters."""
@@ -476,7 +478,7 @@ def document_equivalence(rank: int, world: int, tp: int, ep: int, pp: int, sp: b
     mcfg, moecfg = tiny_model_configs()
     torch.manual_seed(0)
     ref = Decoder(mcfg, moecfg)
-    par = parallelize(copy.deepcopy(ref), ctx, compile=compile)
+    par = parallelize(copy.deepcopy(ref), ctx, compile_backend=compile_backend)
     sched = pipeline_schedule(par, ctx)
     sync = GradSync(par, ctx)
     packing = DocumentPacking(DOC_EOD, mask_attention=True, reset_positions=True, mask_loss=True)
