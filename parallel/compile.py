@@ -10,17 +10,40 @@ the block is compiled with static shapes: norms, attention, the router (top-k, g
 expert and the counts before the break; the dtype cast, the shared-expert add and the residual after it. The
 zero-computation experts and the shared experts stay in the eager section because they run while the all-to-alls
 are in flight. Dense blocks compile whole, without a break.
+
+Eager code that hands a tensor to compiled code hands it over waited: a tensor-parallel module's output is an
+`AsyncCollectiveTensor` (its collective still in flight), and a compiled graph that takes one as an input returns a
+plain gradient where DTensor's backward expects a DTensor.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
+from torch.distributed._functional_collectives import AsyncCollectiveTensor
+
+from model.moe import MoELayer
 
 
 def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
-    """Compile every block of `model.layers` in place (each one its own graph, so compile time grows with the number
-    of distinct blocks, not with depth beyond them). Static shapes: every block sees the same [B, S, D] each step."""
+    """Compile every block of `model.layers` in place with `backend` (each one its own graph, so compile time grows
+    with the number of distinct blocks, not with depth beyond them). Static shapes: every block sees the same
+    [B, S, D] each step."""
+    # The eager modules whose outputs enter compiled code: the embedding (the first block's input) and the shared
+    # experts (computed in the eager section of an MoE block, added after it).
+    feeders = [getattr(model, "tok_embeddings", None)]
+    feeders += [m.shared for m in model.modules() if isinstance(m, MoELayer)]
+    for module in feeders:
+        if module is not None:
+            module.register_forward_hook(_waited_output)
     # Module.compile rather than wrapping in torch.compile's OptimizedModule: parameter names (and so checkpoints,
     # optimizer state and the HF export) stay those of the eager model.
     for block in model.layers.values():
         block.compile(backend=backend, dynamic=False)
+
+
+def _waited_output(module: nn.Module, args: Any, output: Any) -> Any:
+    # clone() is an ordinary op on the wrapper, so it waits for the collective and keeps the autograd edge (the
+    # wrapper's own wait() does not); it copies only this one tensor, and only under tensor parallelism.
+    return output.clone() if isinstance(output, AsyncCollectiveTensor) else output

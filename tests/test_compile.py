@@ -73,5 +73,30 @@ def test_train_compile_is_a_validated_flag():
     assert load_config("configs/tiny-cpu.yaml").train.compile is False
     with pytest.raises(ConfigError, match="train.compile"):
         load_config("configs/tiny-cpu.yaml", ["train.compile=maybe"])
-    with pytest.raises(ConfigError, match="train.compile: is not supported with parallel.tp > 1"):
-        load_config("configs/tiny-cpu.yaml", ["train.compile=true", "parallel.tp=2"])
+    # Every layout composes with it (tests/distributed/ compare each compiled layout with the eager model).
+    cfg = load_config(
+        "configs/tiny-cpu.yaml", ["train.compile=true", "parallel.tp=2", "parallel.sequence_parallel=true"]
+    )
+    assert cfg.train.compile and cfg.parallel.tp == 2
+
+
+@pytest.mark.slow
+def test_graphs_do_not_grow_with_depth():
+    # Blocks of one kind share their graphs, so a model deeper than dynamo's recompile limit (past which it would
+    # silently run the remaining blocks eagerly) compiles no more graphs than a shallow one. aot_eager: dynamo
+    # captures the same graphs whatever the backend, and this one compiles in seconds.
+    counts = []
+    for layers in (3, torch._dynamo.config.recompile_limit + 4):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        cfg = load_config(
+            "configs/tiny-cpu.yaml", [f"model.num_layers={layers}", "model.max_seq_len=32", "data.seq_len=32"]
+        )
+        torch.manual_seed(0)
+        model = Decoder(cfg.model, cfg.moe)
+        apply_compile(model, backend="aot_eager")
+        tokens = torch.randint(0, cfg.model.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+        loss_and_grads(model, tokens)
+        counts.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert counts[0] > 0
+    assert counts[1] == counts[0]

@@ -401,12 +401,6 @@ class Config:
             ("moe.shared_experts", self.moe.shared_ffn_hidden_size(self.model.ffn_hidden_size)),
         ):
             require(value % tp == 0, key, f"{value} is not divisible by parallel.tp={tp}")
-        require(
-            not (self.train.compile and tp > 1),
-            "train.compile",
-            "is not supported with parallel.tp > 1 (the compiled blocks' backward breaks DTensor's redistribution); "
-            "set train.compile=false or parallel.tp=1",
-        )
         self.data.validate_vocab(self.model.vocab_size)
         check_memory(self)
         self.data.validate_documents(self.model.vocab_size)

@@ -396,7 +396,9 @@ def router_family_configs(variant: str) -> tuple[ModelConfig, MoEConfig]:
     return model, moe
 
 
-def router_family(rank: int, world: int, tp: int, ep: int, sp: bool, variant: str) -> None:
+def router_family(
+    rank: int, world: int, tp: int, ep: int, sp: bool, variant: str, compile_backend: str | None = None
+) -> None:
     """The parallel model on its data-parallel shard against the single-process model on the concatenated batch:
     with global-batch balance the mean of the ranks' losses is the whole batch's loss, ETR's expert choice ranks the
     whole data-parallel batch's tokens, and the aux-free bias moves by the whole step's load."""
@@ -408,7 +410,7 @@ def router_family(rank: int, world: int, tp: int, ep: int, sp: bool, variant: st
     mcfg, moecfg = router_family_configs(variant)
     torch.manual_seed(0)
     ref = Decoder(mcfg, moecfg)
-    par = parallelize(copy.deepcopy(ref), ctx)
+    par = parallelize(copy.deepcopy(ref), ctx, compile_backend=compile_backend)
     g = torch.Generator().manual_seed(1)
     batch = torch.randint(0, mcfg.vocab_size, (2 * dp, 13), generator=g)
     shard = batch.chunk(dp)[ctx.dp_rank]
