@@ -53,6 +53,12 @@ def _close(name: str, got: torch.Tensor, want: torch.Tensor, rtol: float = RTOL,
     torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
+def _check_compiled(compile_backend: str | None) -> None:
+    """With a backend, the blocks really ran compiled (an eager model would pass every comparison trivially)."""
+    if compile_backend is not None:
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0, "no block was compiled"
+
+
 def _reduce_and_compare_grads(par, ref, ctx, sync: GradSync) -> dict[str, torch.Tensor]:
     """Reduce the parallel model's gradients and compare every one with the reference's; returns the latter."""
     sync.reduce()
@@ -124,6 +130,7 @@ def equivalence(
     params = full_tensors(par, ctx)
     for name, want in ref.named_parameters():
         _close(f"param {name} after {steps} steps", params[name], want.detach(), PARAM_RTOL, PARAM_ATOL)
+    _check_compiled(compile_backend)
 
 
 def a2a_volume(rank: int, world: int) -> None:
@@ -370,6 +377,7 @@ def pipeline_equivalence(
     ref_params = dict(ref.named_parameters())
     for name, got in params.items():
         _close(f"param {name} after 3 steps", got, ref_params[name].detach(), PARAM_RTOL, PARAM_ATOL)
+    _check_compiled(compile_backend)
 
 
 def router_family_configs(variant: str) -> tuple[ModelConfig, MoEConfig]:
@@ -450,6 +458,7 @@ def router_family(
     for r, p in zip(ref_routers, par_routers, strict=True):
         assert r.expert_bias_E.abs().sum() > 0
         assert torch.equal(p.expert_bias_E, r.expert_bias_E), (p.expert_bias_E, r.expert_bias_E)
+    _check_compiled(compile_backend)
 
 
 DOC_EOD = 5
@@ -544,6 +553,7 @@ def document_equivalence(
     ref_params = dict(ref.named_parameters())
     for name, got in params.items():
         _close(f"param {name} after 2 steps", got, ref_params[name].detach(), PARAM_RTOL, PARAM_ATOL)
+    _check_compiled(compile_backend)
 
 
 def host_syncs(rank: int, world: int) -> None:
