@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from data.packing import DocumentPacking
 from model.config import ConfigError
 from model.transformer import Decoder
 from parallel.compile import apply_compile
@@ -35,9 +36,12 @@ def tiny_config():
     )
 
 
-def loss_and_grads(model: Decoder, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def loss_and_grads(
+    model: Decoder, tokens: torch.Tensor, packing: DocumentPacking | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
-    out = model(tokens[:, :-1])
+    inputs = tokens[:, :-1]
+    out = model(inputs, **(packing.model_inputs(inputs) if packing else {}))
     loss = F.cross_entropy(out.logits_BSV.flatten(0, 1), tokens[:, 1:].flatten()) + out.aux_loss
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -100,3 +104,32 @@ def test_graphs_do_not_grow_with_depth():
         counts.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     assert counts[0] > 0
     assert counts[1] == counts[0]
+
+
+@pytest.mark.slow
+def test_document_packings_reuse_the_compiled_graphs():
+    # The per-document attention calls (the CPU kernel) are sized by the host-read document lengths: they run
+    # eagerly, so every new packing reuses the graphs of the first, and the result still equals the eager model.
+    eod = 5
+    cfg = load_config("configs/tiny-cpu.yaml", ["model.num_layers=2", "model.max_seq_len=640", "data.seq_len=640"])
+    torch.manual_seed(0)
+    eager = Decoder(cfg.model, cfg.moe)
+    compiled = copy.deepcopy(eager)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    apply_compile(compiled, backend="aot_eager")
+    packing = DocumentPacking(eod, mask_attention=True, reset_positions=True)
+    g = torch.Generator().manual_seed(0)
+    graphs = []
+    for ends in ([300], [100, 400, 500], [350, 620]):  # documents longer than one grouped call, and shorter
+        tokens = torch.randint(eod + 1, cfg.model.vocab_size, (1, 641), generator=g)
+        tokens[0, ends] = eod
+        loss_e, grads_e = loss_and_grads(eager, tokens, packing)
+        loss_c, grads_c = loss_and_grads(compiled, tokens, packing)
+        torch.testing.assert_close(loss_c, loss_e, rtol=LOSS_RTOL, atol=0)
+        for name, grad in grads_e.items():
+            scale = grad.abs().max().item()
+            torch.testing.assert_close(grads_c[name], grad, rtol=0, atol=GRAD_RTOL * scale + 1e-12, msg=name)
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert graphs[0] > 0
+    assert graphs[2] == graphs[1] == graphs[0]
