@@ -9,7 +9,8 @@ them), so compiling that section would recompile for every new routing or trace 
 the block is compiled with static shapes: norms, attention, the router (top-k, gates, balance terms), the sort by
 expert and the counts before the break; the dtype cast, the shared-expert add and the residual after it. The
 zero-computation experts and the shared experts stay in the eager section because they run while the all-to-alls
-are in flight. Dense blocks compile whole, without a break.
+are in flight. With document masking on CPU the attention breaks too (`model/document_mask.py`,
+`_segment_attention`: its calls are sized by the host-read document lengths). Dense blocks compile whole.
 
 Eager code that hands a tensor to compiled code hands it over waited: a tensor-parallel module's output is an
 `AsyncCollectiveTensor` (its collective still in flight), and a compiled graph that takes one as an input returns a
