@@ -6,10 +6,10 @@ writes bench/results/train_throughput_DEVICE.json. The FLOP formula is train/flo
 
 Presets: `tiny-cpu` (configs/tiny-cpu.yaml as is) and `moepp-0.6b-2layer` (configs/moepp-0.6b.yaml with 2 of its 12
 layers, sequences of 256, 4 sequences per step: the paper's 0.6B/(8+4)E layer shapes at a CPU-sized step), and
-`moe-0.6b-2layer`, its vanilla twin. On a
-GPU, `moepp-0.6b` (the full preset, micro-batch 4) is the one the MFU target refers to. Each preset runs in its own
-process so that peak memory is its own. Steps use the training code itself (train.step.train_step on the synthetic
-corpus); the first steps warm up and are not timed.
+`moe-0.6b-2layer`, its vanilla twin. On a GPU, `moepp-0.6b` (the full preset, micro-batch 4) is the one the MFU
+target refers to; `moe-0.6b` is its vanilla twin. `--compile` adds a compiled run of each preset (train.compile).
+Each preset runs in its own process so that peak memory is its own. Steps use the training code itself
+(train.step.train_step on the synthetic corpus); the first steps warm up and are not timed.
 """
 
 from __future__ import annotations
@@ -42,14 +42,16 @@ PRESETS = {
         ["model.num_layers=2", "data.seq_len=256", "train.global_batch_size=4", "train.micro_batch_size=2"],
     ),
     "moepp-0.6b": ("configs/moepp-0.6b.yaml", ["train.global_batch_size=4", "train.micro_batch_size=4"]),
+    "moe-0.6b": ("configs/moe-0.6b.yaml", ["train.global_batch_size=4", "train.micro_batch_size=4"]),
 }
 
 
 DEFAULT_PRESETS = ["tiny-cpu", "moepp-0.6b-2layer", "moe-0.6b-2layer"]
 
 
-def run_preset(name: str, steps: int, warmup: int, device_name: str) -> dict:
-    """Train `warmup + steps` steps of a preset in this process; returns the measurements."""
+def run_preset(name: str, steps: int, warmup: int, device_name: str, compiled: bool = False) -> dict:
+    """Train `warmup + steps` steps of a preset in this process; returns the measurements. With `compiled`, each
+    block is compiled as under train.compile (the warm-up steps pay the compile time and are not timed)."""
     from data.loader import build_data
     from model.transformer import Decoder
     from parallel.mesh import init_parallel
@@ -63,6 +65,10 @@ def run_preset(name: str, steps: int, warmup: int, device_name: str) -> dict:
     device = ctx.device
     torch.manual_seed(cfg.train.seed)
     model = Decoder(cfg.model, cfg.moe).to(device)
+    if compiled:
+        from parallel.compile import apply_compile
+
+        apply_compile(model)
     optimizer = build_optimizer(model, cfg.optim)
     data = build_data(cfg.data, cfg.train.seed)
     amp = autocast_context(device, cfg.train.dtype)
@@ -96,7 +102,7 @@ def run_preset(name: str, steps: int, warmup: int, device_name: str) -> dict:
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
     )
     return {
-        "preset": name,
+        "preset": name + (" compiled" if compiled else ""),
         "params": model.num_params(),
         "tokens_per_step": tokens_per_step,
         "step_s": step_s,
@@ -141,18 +147,24 @@ def main() -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU (see bench/expert_forward.py)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one preset, print JSON
+    parser.add_argument(
+        "--compile", action="store_true", help="run each preset eagerly and with train.compile (needs --warmup >= 1)"
+    )
     add_out_argument(parser)
     args = parser.parse_args()
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if args.one:
         if device == "cpu" and args.threads:
             torch.set_num_threads(args.threads)
-        print("RESULT " + json.dumps(run_preset(args.one, args.steps, args.warmup, device)))
+        print("RESULT " + json.dumps(run_preset(args.one, args.steps, args.warmup, device, args.compile)))
         return
+    if args.compile and args.warmup < 1:
+        raise SystemExit("--compile: needs --warmup >= 1 (the first step compiles and must not be timed)")
     results = []
-    for name in args.presets:
+    runs = [(name, compiled) for name in args.presets for compiled in ((False, True) if args.compile else (False,))]
+    for name, compiled in runs:
         cmd = [sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--warmup", str(args.warmup)]
-        cmd += ["--device", device, "--threads", str(args.threads)]
+        cmd += ["--device", device, "--threads", str(args.threads)] + ["--compile"] * compiled
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if proc.returncode or line is None:
@@ -175,9 +187,21 @@ def main() -> None:
     title = (
         f"Training steps on {results[0]['device']}, {precision}: mean of {args.steps} timed steps after "
         f"{args.warmup} warm-up steps, synthetic corpus, freshly initialised models"
+        + (
+            "; `compiled` rows: each block under torch.compile (inductor, static shapes; train.compile)"
+            if args.compile
+            else ""
+        )
     )
     print_table(title, headers, [fmt_row(r) for r in results])
-    numbers = {"device": device, "dtype": precision, "steps": args.steps, "warmup": args.warmup, "presets": results}
+    numbers = {
+        "device": device,
+        "dtype": precision,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "compile": args.compile,
+        "presets": results,
+    }
     write_results(f"train_throughput_{device}", numbers, args.out)
 
 

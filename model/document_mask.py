@@ -67,6 +67,14 @@ def document_attention(q_BHSD: Tensor, k_BGSD: Tensor, v_BGSD: Tensor, mask: Doc
     if mask.kernel == "flex":
         flex = _compiled_flex_attention() if q_BHSD.is_cuda else _flex_attention()
         return flex(q_BHSD, k_BGSD, v_BGSD, block_mask=mask.block_mask, enable_gqa=gqa)
+    return _segment_attention(q_BHSD, k_BGSD, v_BGSD, mask, gqa)
+
+
+# Under train.compile the attention's graph breaks here: the number and the lengths of the calls come from the
+# host-read document lengths, so a compiled version would be recompiled for every new packing of documents (and
+# after dynamo's recompile limit, the whole block would fall back to eager).
+@torch.compiler.disable
+def _segment_attention(q_BHSD: Tensor, k_BGSD: Tensor, v_BGSD: Tensor, mask: DocumentMask, gqa: bool) -> Tensor:
     B, H, S, Dh = q_BHSD.shape
 
     def packed(x: Tensor) -> tuple[Tensor, ...]:

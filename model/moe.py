@@ -81,11 +81,45 @@ class MoELayer(nn.Module):
         counts.scatter_add_(0, expert_idx_A, kept_A.long())
         tokens_per_expert = counts[: self.num_ffn]
         token_idx_A = order_A // K
+        out, shared, traffic = self.routed_experts(
+            x_in, x_TD, route.expert_idx_TK, route.gates_TK, gates_A, order_A, token_idx_A, tokens_per_expert
+        )
+
+        stats = RoutingStats(
+            expert_counts_E=counts.detach(),
+            dropped=(T * K - kept_A.sum()).detach(),
+            num_tokens=T,
+            a2a=traffic,
+            aux_terms={k: v.detach() for k, v in route.aux_terms.items()},
+        )
+        out = out.to(x_TD.dtype)
+        if shared is not None:
+            out = out + shared
+        return out, route.logits_TE, route.aux_loss, stats
+
+    # Under train.compile (parallel/compile.py) this is where each block's graph breaks: the rows per expert are
+    # data-dependent (the dispatcher's host read sizes every tensor from here to the combine), so the section runs
+    # eagerly and the block's code before it (attention, norms, router, sort) and after it are compiled graphs.
+    @torch.compiler.disable
+    def routed_experts(
+        self,
+        x_in: Tensor,
+        x_TD: Tensor,
+        expert_idx_TK: Tensor,
+        gates_TK: Tensor,
+        gates_A: Tensor,
+        order_A: Tensor,
+        token_idx_A: Tensor,
+        tokens_per_expert: Tensor,
+    ) -> tuple[Tensor, Tensor | None, AllToAllBytes]:
+        """Dispatch -> FFN experts -> combine, with the zero-computation experts computed while the dispatch is
+        pending and the shared experts while the combine is. Returns (fp32 weighted sum of every expert's output
+        [T, D], shared experts' output or None, the all-to-all traffic)."""
         # The rows travel in the experts' compute dtype (bf16 under bf16 autocast), not the fp32 residual's.
         dispatched = self.dispatcher.dispatch(x_in, token_idx_A, tokens_per_expert, compute_dtype(x_in))
         # Needs no other rank, so it runs while an asynchronous dispatcher moves the rows (and, in the backward,
         # their gradients): the overlap only zero-computation experts give.
-        out = self.zero_computation_output(x_in, route.expert_idx_TK, route.gates_TK)
+        out = self.zero_computation_output(x_in, expert_idx_TK, gates_TK)
         y_AD = self.experts(dispatched.x_AD.wait(), dispatched.tokens_per_expert, dispatched.counts_E)
         coming_home = self.dispatcher.combine(y_AD, dispatched)
         # Likewise while the expert outputs travel home.
@@ -96,17 +130,7 @@ class MoELayer(nn.Module):
         # fp32: each token's expert outputs are weighted and summed in fp32 (and so are the gates' gradients).
         out.index_add_(0, token_idx_A[:n], y_AD.float() * gates_A[order_A[:n], None])
 
-        stats = RoutingStats(
-            expert_counts_E=counts.detach(),
-            dropped=(T * K - kept_A.sum()).detach(),
-            num_tokens=T,
-            a2a=dispatched.traffic,
-            aux_terms={k: v.detach() for k, v in route.aux_terms.items()},
-        )
-        out = out.to(x_TD.dtype)
-        if shared is not None:
-            out = out + shared
-        return out, route.logits_TE, route.aux_loss, stats
+        return out, shared, dispatched.traffic
 
     def zero_computation_output(self, x_TD: Tensor, expert_idx_TK: Tensor, gates_TK: Tensor) -> Tensor:
         """Weighted sum of the copy and constant experts' outputs per token, fp32 [T, D]. Zero experts add nothing.

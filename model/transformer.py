@@ -100,7 +100,10 @@ class Block(nn.Module):
         cos_SD: Tensor,
         sin_SD: Tensor,
         mask: DocumentMask | None = None,
-    ) -> tuple[Tensor, Tensor | None, MoEAux | None]:
+    ) -> tuple[Tensor, Tensor | None, tuple[Tensor, RoutingStats] | None]:
+        """Returns (hidden states, router logits for the next MoE layer, (weighted balance loss, routing stats) of
+        an MoE block or None). Nothing here reads `layer_idx`: under train.compile every block of a kind shares one
+        graph, and a graph that read the index would be recompiled for each layer."""
         # Every argument positionally: tensor parallelism's input plan lists one layout per positional input.
         h = x_BSD + self.attention(self.attention_norm(x_BSD), cos_SD, sin_SD, mask)
         normed = self.ffn_norm(h)
@@ -108,7 +111,7 @@ class Block(nn.Module):
             return h + self.ffn(normed), router_logits_TE, None
         B, S, D = normed.shape
         out_TD, logits_TE, aux_loss, stats = self.ffn(normed.reshape(B * S, D), router_logits_TE, num_sequences=B)
-        return h + out_TD.view(B, S, D), logits_TE, MoEAux(self.layer_idx, aux_loss, stats)
+        return h + out_TD.view(B, S, D), logits_TE, (aux_loss, stats)
 
 
 @dataclass
@@ -208,9 +211,9 @@ class Decoder(nn.Module):
         router_logits = router_logits_TE
         aux: list[MoEAux] = []
         for block in self.layers.values():
-            h, router_logits, layer_aux = block(h, router_logits, cos, sin, mask)
-            if layer_aux is not None:
-                aux.append(layer_aux)
+            h, router_logits, moe_out = block(h, router_logits, cos, sin, mask)
+            if moe_out is not None:
+                aux.append(MoEAux(block.layer_idx, *moe_out))
         logits = self.output(self.norm(h)) if self.output is not None else None
         zero = torch.zeros((), dtype=torch.float32, device=h.device)
         aux_loss = torch.stack([a.aux_loss for a in aux]).sum() if aux else zero

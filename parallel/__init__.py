@@ -6,9 +6,10 @@ from model.transformer import Decoder
 from parallel.mesh import ParallelContext
 
 
-def parallelize(model: Decoder, ctx: ParallelContext) -> Decoder:
-    """Rewrite the plain model in place for ctx's layout: tensor parallel first, then expert parallel, then the
-    routers' communication, then data parallel (FSDP2) over the result."""
+def parallelize(model: Decoder, ctx: ParallelContext, *, compile_backend: str | None = None) -> Decoder:
+    """Rewrite the plain model in place for ctx's layout: pipeline stage, tensor parallel, expert parallel, the
+    routers' communication; with a `compile_backend` ("inductor", what train.compile uses) each remaining block is
+    then compiled by it (parallel/compile.py); data parallel (FSDP2) wraps the result last."""
     from parallel.expert_parallel import apply_expert_parallel
     from parallel.tensor_parallel import apply_tensor_parallel
 
@@ -25,6 +26,10 @@ def parallelize(model: Decoder, ctx: ParallelContext) -> Decoder:
         from parallel.routing import install_router_comm
 
         install_router_comm(model, ctx)
+    if compile_backend is not None:
+        from parallel.compile import apply_compile
+
+        apply_compile(model, compile_backend)
     if ctx.dims.sharded:
         from parallel.data_parallel import apply_data_parallel
 

@@ -271,6 +271,9 @@ class TrainConfig:
     exit_at_step: int | None = None
     # Steps whose loss or gradient norm is NaN/inf are skipped; this many in a row stop the run.
     max_nonfinite_steps: int = 5
+    # torch.compile each transformer block (inductor, static shapes); the MoE dispatch-to-combine section stays
+    # eager (parallel/compile.py says where the graphs break). The first steps pay the compile time.
+    compile: bool = False
 
     @property
     def last_step(self) -> int:

@@ -86,7 +86,7 @@ def run(cfg: Config) -> dict[str, Any]:
     n_micro = micro_batches_per_step(cfg, ctx.dims.dp)
     # Every rank builds the same full model from the same seed, then keeps its shards.
     torch.manual_seed(tc.seed)
-    model = parallelize(Decoder(cfg.model, cfg.moe).to(device), ctx)
+    model = parallelize(Decoder(cfg.model, cfg.moe).to(device), ctx, compile_backend="inductor" if tc.compile else None)
     pipeline = pipeline_schedule(model, ctx)
     optimizer = build_optimizer(model, cfg.optim)
     grad_sync = GradSync(model, ctx)

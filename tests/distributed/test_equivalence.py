@@ -28,6 +28,33 @@ def test_layout_matches_single_process(layout):
     run_world(workers.equivalence, world, tp, ep, None, 3, sp)
 
 
+# train.compile in each layout, against the eager single-process model with the same tolerances (logits, loss,
+# gradients, parameters after 2 AdamW steps). Backend aot_eager: dynamo captures the same graphs, with the same
+# graph breaks, DTensor collectives and autograd across them, as for inductor, in a fraction of inductor's compile
+# time on two cores (tests/test_compile.py covers inductor's numerics).
+COMPILED_LAYOUTS = {
+    "tp2": (2, 2, 1, False),
+    "ep2": (2, 1, 2, False),  # dp=2 as well: data-parallel gradient reduction of the compiled blocks
+}
+
+
+@pytest.mark.parametrize("layout", COMPILED_LAYOUTS)
+def test_compiled_blocks_match_the_eager_single_process_model(layout):
+    world, tp, ep, sp = COMPILED_LAYOUTS[layout]
+    run_world(workers.equivalence, world, tp, ep, None, 2, sp, "aot_eager")
+
+
+def test_compiled_blocks_with_sequence_parallel_and_document_masking_match_the_eager_model():
+    # tp2 with sequence parallelism: the norms' and attention's redistributions inside the compiled graphs.
+    run_world(workers.document_equivalence, 2, 2, 1, 1, True, "aot_eager")
+
+
+def test_compiled_blocks_with_tensor_parallel_shared_experts_match_the_eager_model():
+    # The shared experts run in the eager section of the MoE block and their output enters the compiled rest.
+    world, tp, ep, sp, variant = ROUTER_FAMILY["moepp-global-shared-tp2-sp"]
+    run_world(workers.router_family, world, tp, ep, sp, variant, "aot_eager")
+
+
 def test_capacity_dropping_matches_single_process_under_ep2():
     run_world(workers.equivalence, 2, 1, 2, 0.6, 2)
 

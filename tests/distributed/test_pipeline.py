@@ -24,6 +24,12 @@ def test_pipeline_matches_single_process(case):
     run_world(workers.pipeline_equivalence, world, *args)
 
 
+def test_compiled_blocks_under_pp2_match_the_eager_single_process_model():
+    # train.compile composes with pipeline parallelism: each stage compiles the blocks it keeps. aot_eager as in
+    # tests/distributed/test_equivalence.py.
+    run_world(workers.pipeline_equivalence, 2, 2, 1, 1, 4, 1, None, False, "aot_eager")
+
+
 def test_document_masking_across_pipeline_stages_matches_single_process():
     """Every stage builds the document mask and positions from its own copy of the micro-batch's tokens."""
     run_world(workers.document_equivalence, 2, 1, 1, 2, False)

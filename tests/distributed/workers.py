@@ -53,6 +53,12 @@ def _close(name: str, got: torch.Tensor, want: torch.Tensor, rtol: float = RTOL,
     torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
+def _check_compiled(compile_backend: str | None) -> None:
+    """With a backend, the blocks really ran compiled (an eager model would pass every comparison trivially)."""
+    if compile_backend is not None:
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0, "no block was compiled"
+
+
 def _reduce_and_compare_grads(par, ref, ctx, sync: GradSync) -> dict[str, torch.Tensor]:
     """Reduce the parallel model's gradients and compare every one with the reference's; returns the latter."""
     sync.reduce()
@@ -64,8 +70,18 @@ def _reduce_and_compare_grads(par, ref, ctx, sync: GradSync) -> dict[str, torch.
     return ref_grads
 
 
-def equivalence(rank: int, world: int, tp: int, ep: int, capacity: float | None, steps: int, sp: bool = False) -> None:
-    check_equivalence(ParallelConfig(tp=tp, ep=ep, sequence_parallel=sp), capacity, steps)
+def equivalence(
+    rank: int,
+    world: int,
+    tp: int,
+    ep: int,
+    capacity: float | None,
+    steps: int,
+    sp: bool = False,
+    compile_backend: str | None = None,
+) -> None:
+    """The parallel model (its blocks compiled by `compile_backend`) against the eager single-process one."""
+    check_equivalence(ParallelConfig(tp=tp, ep=ep, sequence_parallel=sp), capacity, steps, compile_backend)
 
 
 def layouts(rank: int, world: int, cases: dict[str, dict]) -> None:
@@ -152,16 +168,18 @@ def check_bf16_step(pcfg: ParallelConfig) -> None:
         assert err < 0.05, (name, float(err))
 
 
-def check_equivalence(pcfg: ParallelConfig, capacity: float | None, steps: int) -> None:
-    """The layout's model against the single-process model with the same weights: logits, loss, every gradient and
-    the global norm of step 0, then the parameters after `steps` AdamW steps (plus the sharded state under
-    fsdp/hsdp)."""
+def check_equivalence(
+    pcfg: ParallelConfig, capacity: float | None, steps: int, compile_backend: str | None = None
+) -> None:
+    """The layout's model (its blocks compiled by `compile_backend`) against the eager single-process model with the
+    same weights: logits, loss, every gradient and the global norm of step 0, then the parameters after `steps`
+    AdamW steps (plus the sharded state under fsdp/hsdp)."""
     ctx = init_parallel(pcfg, "cpu")
     dp = ctx.dims.dp
     mcfg, moecfg = tiny_model_configs(capacity=capacity)
     torch.manual_seed(0)
     ref = Decoder(mcfg, moecfg)
-    par = parallelize(copy.deepcopy(ref), ctx)
+    par = parallelize(copy.deepcopy(ref), ctx, compile_backend=compile_backend)
     g = torch.Generator().manual_seed(1)
     # Two sequences per data-parallel rank; rank d takes shard d (tp ranks of one replica share it).
     batches = [torch.randint(0, mcfg.vocab_size, (2 * dp, 13), generator=g) for _ in range(steps + 1)]
@@ -208,6 +226,7 @@ def check_equivalence(pcfg: ParallelConfig, capacity: float | None, steps: int) 
         _close(f"param {name} after {steps} steps", params[name], want.detach(), PARAM_RTOL, PARAM_ATOL)
     if ctx.dims.data_parallel != "replicate" and ctx.dims.tp == 1:
         check_sharded_state(par, opt_par, ref, ctx)
+    _check_compiled(compile_backend)
 
 
 def a2a_volume(rank: int, world: int) -> None:
@@ -466,13 +485,18 @@ def pipeline_equivalence(
     every_n: int,
     pp_layers: list[int] | None,
     vanilla: bool = False,
+    compile_backend: str | None = None,
 ) -> None:
-    check_pipeline(ParallelConfig(pp=pp, tp=tp, ep=ep, pp_layers=pp_layers), num_layers, every_n, vanilla)
+    check_pipeline(
+        ParallelConfig(pp=pp, tp=tp, ep=ep, pp_layers=pp_layers), num_layers, every_n, vanilla, compile_backend
+    )
 
 
-def check_pipeline(pcfg: ParallelConfig, num_layers: int, every_n: int, vanilla: bool = False) -> None:
-    """Pipeline stages (1F1B, 3 micro-batches per rank) against the single-process model: loss, balance loss,
-    every gradient and the parameters after 3 steps."""
+def check_pipeline(
+    pcfg: ParallelConfig, num_layers: int, every_n: int, vanilla: bool = False, compile_backend: str | None = None
+) -> None:
+    """Pipeline stages (1F1B, 3 micro-batches per rank; blocks compiled by `compile_backend`) against the eager
+    single-process model: loss, balance loss, every gradient and the parameters after 3 steps."""
     import dataclasses
 
     from parallel import pipeline_schedule
@@ -484,7 +508,7 @@ def check_pipeline(pcfg: ParallelConfig, num_layers: int, every_n: int, vanilla:
     moecfg = dataclasses.replace(moecfg, every_n_layers=every_n)
     torch.manual_seed(0)
     ref = Decoder(mcfg, moecfg)
-    par = parallelize(copy.deepcopy(ref), ctx)
+    par = parallelize(copy.deepcopy(ref), ctx, compile_backend=compile_backend)
     sched = pipeline_schedule(par, ctx)
     sync = GradSync(par, ctx)
     g = torch.Generator().manual_seed(1)
@@ -529,6 +553,7 @@ def check_pipeline(pcfg: ParallelConfig, num_layers: int, every_n: int, vanilla:
     ref_params = dict(ref.named_parameters())
     for name, got in params.items():
         _close(f"param {name} after 3 steps", got, ref_params[name].detach(), PARAM_RTOL, PARAM_ATOL)
+    _check_compiled(compile_backend)
 
 
 def router_family_configs(variant: str) -> tuple[ModelConfig, MoEConfig]:
@@ -555,7 +580,9 @@ def router_family_configs(variant: str) -> tuple[ModelConfig, MoEConfig]:
     return model, moe
 
 
-def router_family(rank: int, world: int, tp: int, ep: int, sp: bool, variant: str) -> None:
+def router_family(
+    rank: int, world: int, tp: int, ep: int, sp: bool, variant: str, compile_backend: str | None = None
+) -> None:
     """The parallel model on its data-parallel shard against the single-process model on the concatenated batch:
     with global-batch balance the mean of the ranks' losses is the whole batch's loss, ETR's expert choice ranks the
     whole data-parallel batch's tokens, and the aux-free bias moves by the whole step's load."""
@@ -567,7 +594,7 @@ def router_family(rank: int, world: int, tp: int, ep: int, sp: bool, variant: st
     mcfg, moecfg = router_family_configs(variant)
     torch.manual_seed(0)
     ref = Decoder(mcfg, moecfg)
-    par = parallelize(copy.deepcopy(ref), ctx)
+    par = parallelize(copy.deepcopy(ref), ctx, compile_backend=compile_backend)
     g = torch.Generator().manual_seed(1)
     batch = torch.randint(0, mcfg.vocab_size, (2 * dp, 13), generator=g)
     shard = batch.chunk(dp)[ctx.dp_rank]
@@ -607,6 +634,7 @@ def router_family(rank: int, world: int, tp: int, ep: int, sp: bool, variant: st
     for r, p in zip(ref_routers, par_routers, strict=True):
         assert r.expert_bias_E.abs().sum() > 0
         assert torch.equal(p.expert_bias_E, r.expert_bias_E), (p.expert_bias_E, r.expert_bias_E)
+    _check_compiled(compile_backend)
 
 
 DOC_EOD = 5
@@ -622,7 +650,9 @@ def _packed_windows(rows: int, g: torch.Generator) -> torch.Tensor:
     return tokens
 
 
-def document_equivalence(rank: int, world: int, tp: int, ep: int, pp: int, sp: bool) -> None:
+def document_equivalence(
+    rank: int, world: int, tp: int, ep: int, pp: int, sp: bool, compile_backend: str | None = None
+) -> None:
     """Block-causal document attention, per-document positions and the EOD loss mask in a parallel layout against
     the single-process model, which sees every rank's micro-batches as its own: logits, the step's loss (the mean
     over the unmasked positions of the global batch), every gradient, and after 2 AdamW steps the parameters."""
@@ -635,7 +665,7 @@ def document_equivalence(rank: int, world: int, tp: int, ep: int, pp: int, sp: b
     mcfg, moecfg = tiny_model_configs()
     torch.manual_seed(0)
     ref = Decoder(mcfg, moecfg)
-    par = parallelize(copy.deepcopy(ref), ctx)
+    par = parallelize(copy.deepcopy(ref), ctx, compile_backend=compile_backend)
     sched = pipeline_schedule(par, ctx)
     sync = GradSync(par, ctx)
     packing = DocumentPacking(DOC_EOD, mask_attention=True, reset_positions=True, mask_loss=True)
@@ -699,6 +729,7 @@ def document_equivalence(rank: int, world: int, tp: int, ep: int, pp: int, sp: b
     ref_params = dict(ref.named_parameters())
     for name, got in params.items():
         _close(f"param {name} after 2 steps", got, ref_params[name].detach(), PARAM_RTOL, PARAM_ATOL)
+    _check_compiled(compile_backend)
 
 
 def host_syncs(rank: int, world: int) -> None:
