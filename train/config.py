@@ -188,6 +188,9 @@ class TrainConfig:
     exit_at_step: int | None = None
     # Steps whose loss or gradient norm is NaN/inf are skipped; this many in a row stop the run.
     max_nonfinite_steps: int = 5
+    # Recompute activations in the backward pass instead of keeping them: full (every decoder block keeps only its
+    # inputs), moe (the FFN experts), attention, or none (parallel/activation_checkpoint.py).
+    activation_checkpointing: Literal["none", "full", "moe", "attention"] = "none"
 
     def validate(self) -> None:
         require(self.max_steps > 0, "train.max_steps", f"must be positive, got {self.max_steps}")
@@ -313,6 +316,11 @@ class Config:
             ("moe.shared_experts", self.moe.shared_ffn_hidden_size(self.model.ffn_hidden_size)),
         ):
             require(value % tp == 0, key, f"{value} is not divisible by parallel.tp={tp}")
+        require(
+            self.train.activation_checkpointing != "moe" or self.moe.enabled,
+            "train.activation_checkpointing",
+            "moe checkpoints the FFN experts, but moe.num_experts is 0; use full or attention",
+        )
         self.data.validate_vocab(self.model.vocab_size)
         return self
 

@@ -19,6 +19,7 @@ from model.moe import RoutingStats
 from model.router import Router
 from model.transformer import Decoder
 from parallel import parallelize, pipeline_schedule
+from parallel.activation_checkpoint import apply_activation_checkpointing
 from parallel.grads import GradSync
 from parallel.mesh import ParallelContext, init_parallel
 from train.checkpoint import Checkpointer, check_compatible, latest_checkpoint, load_training_state, read_meta
@@ -85,6 +86,7 @@ def run(cfg: Config) -> dict[str, Any]:
     # Every rank builds the same full model from the same seed, then keeps its shards.
     torch.manual_seed(tc.seed)
     model = parallelize(Decoder(cfg.model, cfg.moe).to(device), ctx)
+    apply_activation_checkpointing(model, tc.activation_checkpointing)
     pipeline = pipeline_schedule(model, ctx)
     optimizer = build_optimizer(model, cfg.optim)
     grad_sync = GradSync(model, ctx)

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from model.config import ModelConfig, MoEConfig
 from model.transformer import Decoder
 from parallel import parallelize
+from parallel.activation_checkpoint import apply_activation_checkpointing
 from parallel.config import ParallelConfig
 from parallel.grads import GradSync, full_tensors
 from parallel.mesh import init_parallel
@@ -63,13 +64,16 @@ def _reduce_and_compare_grads(par, ref, ctx, sync: GradSync) -> dict[str, torch.
     return ref_grads
 
 
-def equivalence(rank: int, world: int, tp: int, ep: int, capacity: float | None, steps: int, sp: bool = False) -> None:
+def equivalence(
+    rank: int, world: int, tp: int, ep: int, capacity: float | None, steps: int, sp: bool = False, ac: str = "none"
+) -> None:
     ctx = init_parallel(ParallelConfig(tp=tp, ep=ep, sequence_parallel=sp), "cpu")
     dp = ctx.dims.dp
     mcfg, moecfg = tiny_model_configs(capacity=capacity)
     torch.manual_seed(0)
     ref = Decoder(mcfg, moecfg)
     par = parallelize(copy.deepcopy(ref), ctx)
+    apply_activation_checkpointing(par, ac)
     g = torch.Generator().manual_seed(1)
     # Two sequences per data-parallel rank; rank d takes shard d (tp ranks of one replica share it).
     batches = [torch.randint(0, mcfg.vocab_size, (2 * dp, 13), generator=g) for _ in range(steps + 1)]
@@ -230,11 +234,16 @@ def pipeline_equivalence(
     every_n: int,
     pp_layers: list[int] | None,
     vanilla: bool = False,
+    ac: str = "none",
+    global_balance: bool = False,
 ) -> None:
     """Pipeline stages (1F1B, 3 micro-batches per rank) against the single-process model: loss, balance loss,
-    every gradient and the parameters after 3 steps."""
+    every gradient and the parameters after 3 steps. global_balance: the balance loss takes f from the step's
+    micro-batches so far (a stage runs later micro-batches' forwards before an earlier one's backward) and the
+    aux-free bias moves after each step."""
     import dataclasses
 
+    from model.config import BalanceTerm
     from parallel import pipeline_schedule
 
     ctx = init_parallel(ParallelConfig(pp=pp, tp=tp, ep=ep, pp_layers=pp_layers), "cpu")
@@ -242,9 +251,13 @@ def pipeline_equivalence(
     mcfg, moecfg = tiny_model_configs(vanilla=vanilla)
     mcfg = dataclasses.replace(mcfg, num_layers=num_layers)
     moecfg = dataclasses.replace(moecfg, every_n_layers=every_n)
+    if global_balance:
+        moecfg.balance_scope = "global_batch"
+        moecfg.balance = [BalanceTerm("heterogeneous", 0.01), BalanceTerm("aux_free_bias", 0.01)]
     torch.manual_seed(0)
     ref = Decoder(mcfg, moecfg)
     par = parallelize(copy.deepcopy(ref), ctx)
+    apply_activation_checkpointing(par, ac)
     sched = pipeline_schedule(par, ctx)
     sync = GradSync(par, ctx)
     g = torch.Generator().manual_seed(1)
@@ -314,7 +327,7 @@ def router_family_configs(variant: str) -> tuple[ModelConfig, MoEConfig]:
     return model, moe
 
 
-def router_family(rank: int, world: int, tp: int, ep: int, sp: bool, variant: str) -> None:
+def router_family(rank: int, world: int, tp: int, ep: int, sp: bool, variant: str, ac: str = "none") -> None:
     """The parallel model on its data-parallel shard against the single-process model on the concatenated batch:
     with global-batch balance the mean of the ranks' losses is the whole batch's loss, ETR's expert choice ranks the
     whole data-parallel batch's tokens, and the aux-free bias moves by the whole step's load."""
@@ -327,6 +340,7 @@ def router_family(rank: int, world: int, tp: int, ep: int, sp: bool, variant: st
     torch.manual_seed(0)
     ref = Decoder(mcfg, moecfg)
     par = parallelize(copy.deepcopy(ref), ctx)
+    apply_activation_checkpointing(par, ac)
     g = torch.Generator().manual_seed(1)
     batch = torch.randint(0, mcfg.vocab_size, (2 * dp, 13), generator=g)
     shard = batch.chunk(dp)[ctx.dp_rank]
@@ -366,3 +380,24 @@ def router_family(rank: int, world: int, tp: int, ep: int, sp: bool, variant: st
     for r, p in zip(ref_routers, par_routers, strict=True):
         assert r.expert_bias_E.abs().sum() > 0
         assert torch.equal(p.expert_bias_E, r.expert_bias_E), (p.expert_bias_E, r.expert_bias_E)
+
+
+def activation_checkpointing(rank: int, world: int, modes: list[str]) -> None:
+    """Every checkpointing mode in tensor (tp=2), expert (ep=2, plain and with global-batch balance, the aux-free
+    bias and ETR's expert choice over the data-parallel batch) and pipeline (pp=2, router logits crossing the stage
+    boundary) parallelism, against the single-process model without checkpointing. One world of 2 for all."""
+    assert world == 2
+    cases = {
+        "tp2": (equivalence, (2, 1, None, 2), {}),
+        "ep2": (equivalence, (1, 2, None, 2), {}),
+        "ep2-global-balance": (router_family, (1, 2, False, "moepp-global"), {}),
+        "ep2-etr": (router_family, (1, 2, False, "etr"), {}),
+        "pp2": (pipeline_equivalence, (2, 1, 1, 4, 1, None), {}),
+        "pp2-global-balance": (pipeline_equivalence, (2, 1, 1, 4, 1, None), {"global_balance": True}),
+    }
+    for ac in modes:
+        for name, (fn, args, kwargs) in cases.items():
+            try:
+                fn(rank, world, *args, ac=ac, **kwargs)
+            except AssertionError as e:
+                raise AssertionError(f"{name} with activation_checkpointing={ac}: {e}") from None
