@@ -42,6 +42,9 @@ class DatasetConfig:
     weight: float = 1.0
 
 
+SYNTHETIC_MAX_PARAMS = 50_000_000  # a toy model: the largest the synthetic corpus trains without data.allow_synthetic
+
+
 @dataclass
 class DataConfig:
     # null (and no datasets): the embedded synthetic corpus. Otherwise one dataset: an indexed dataset prefix
@@ -57,6 +60,9 @@ class DataConfig:
     # Share of documents (the last ones of each dataset) held out for validation.
     valid_fraction: float = 0.01
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    # The synthetic corpus is for smoke runs: a model larger than a toy (SYNTHETIC_MAX_PARAMS) is refused on it
+    # unless this is true.
+    allow_synthetic: bool = False
 
     def validate(self) -> None:
         require(self.seq_len > 0, "data.seq_len", f"must be positive, got {self.seq_len}")
@@ -95,6 +101,16 @@ class DataConfig:
     @property
     def paths(self) -> list[str]:
         return [self.path] if self.path is not None else [d.path for d in self.datasets]
+
+    def check_corpus_fits_model(self, num_params: int) -> None:
+        """Refuse to pretrain a model larger than a toy on the synthetic corpus, unless allow_synthetic."""
+        require(
+            bool(self.paths) or self.allow_synthetic or num_params <= SYNTHETIC_MAX_PARAMS,
+            "data.path",
+            f"null trains on the embedded synthetic corpus, meant for smoke runs of models up to "
+            f"{SYNTHETIC_MAX_PARAMS / 1e6:.0f}M parameters, and this one has {num_params / 1e6:,.0f}M parameters; "
+            "set data.path to a dataset from tools/preprocess_data.py, or data.allow_synthetic=true to use it anyway",
+        )
 
     def validate_vocab(self, vocab_size: int) -> None:
         """Cross-section check: the token ids the data can contain must fit model.vocab_size."""

@@ -25,6 +25,7 @@ from parallel.mesh import ParallelContext, init_parallel
 from train.checkpoint import Checkpointer, check_compatible, latest_checkpoint, load_training_state, read_meta
 from train.config import Config
 from train.evaluate import evaluate, evaluate_pipeline
+from train.memory import check_fits, device_capacity, plan_for
 from train.metrics import MetricsLogger, format_duration, routing_summary
 from train.optim import build_optimizer, lr_at, set_lr
 from train.signals import ShutdownRequest
@@ -79,10 +80,17 @@ def reduce_for_logging(ctx: ParallelContext, values: torch.Tensor, routing: list
 
 def run(cfg: Config) -> dict[str, Any]:
     """Train according to cfg; returns the last logged record (rank 0's view; every rank returns it)."""
+    counts = _param_counts(cfg)
+    cfg.data.check_corpus_fits_model(counts[0])
     ctx = init_parallel(cfg.parallel, resolve_device_type(cfg.train.device))
     device = ctx.device
     tc = cfg.train
     n_micro = micro_batches_per_step(cfg, ctx.dims.dp)
+    # Before anything is allocated: what each rank will hold, against what its device has.
+    plan = plan_for(cfg, ctx.dims.world_size, device.type)
+    if ctx.is_logging_rank:
+        print(plan.table(), flush=True)
+    check_fits(plan, *device_capacity(device))
     # Every rank builds the same full model from the same seed, then keeps its shards.
     torch.manual_seed(tc.seed)
     model = parallelize(Decoder(cfg.model, cfg.moe).to(device), ctx)
@@ -120,7 +128,6 @@ def run(cfg: Config) -> dict[str, Any]:
         name=cfg.name,
     )
     floor = data.corpus.entropy_per_token if data.corpus is not None else None
-    counts = _param_counts(cfg)
     d = ctx.dims
     logger.write(
         f"{cfg.name}: {counts[0] / 1e6:.2f}M parameters ({counts[1] / 1e6:.2f}M active at most), "

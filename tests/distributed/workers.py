@@ -401,3 +401,36 @@ def activation_checkpointing(rank: int, world: int, modes: list[str]) -> None:
                 fn(rank, world, *args, ac=ac, **kwargs)
             except AssertionError as e:
                 raise AssertionError(f"{name} with activation_checkpointing={ac}: {e}") from None
+
+
+def _local_bytes(tensors) -> int:
+    return sum(4 * (t.to_local() if hasattr(t, "to_local") else t).numel() for t in tensors)
+
+
+def memory_plan_matches_tensors(rank: int, world: int, layouts: dict[str, dict]) -> None:
+    """The memory plan's parameters, gradients and AdamW state of this rank's pipeline stage equal the bytes of the
+    local tensors after parallelize and one optimizer step, for each layout (ParallelConfig keys)."""
+    import dataclasses
+
+    from parallel import pipeline_schedule
+    from parallel.memory import Layout, plan_memory
+
+    for name, keys in layouts.items():
+        pcfg = ParallelConfig(**keys)
+        ctx = init_parallel(pcfg, "cpu")
+        mcfg, moecfg = tiny_model_configs()
+        moecfg = dataclasses.replace(moecfg, shared_experts=1)  # shared experts are tensor-parallel too
+        mcfg = dataclasses.replace(mcfg, num_layers=4)
+        torch.manual_seed(0)
+        model = parallelize(Decoder(mcfg, moecfg), ctx)
+        opt = build_optimizer(model, OptimConfig(lr=1e-2))
+        tokens = torch.randint(0, mcfg.vocab_size, (2, 13), generator=torch.Generator().manual_seed(rank))
+        sched = pipeline_schedule(model, ctx)
+        train_step(model, opt, list(tokens.split(1)), 1.0, grad_sync=GradSync(model, ctx), pipeline=sched)
+        plan = plan_memory(mcfg, moecfg, Layout.from_config(pcfg, world), 1, 12, 2).stages[ctx.pp_rank]
+        params = list(model.parameters())
+        state = [t for p in params for k, t in opt.state[p].items() if k != "step"]
+        got = {"params": _local_bytes(params), "optimizer": _local_bytes(state)}
+        want = {"params": plan.params, "optimizer": plan.optimizer}
+        assert got == want, (name, got, want)
+        assert plan.grads == plan.params  # a gradient has its parameter's local shape and dtype
