@@ -116,3 +116,21 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
     assert lr_at(500, cfg, 110) == pytest.approx(0.1)
     linear = OptimConfig(lr=1.0, min_lr=0.0, warmup_steps=0, decay="linear")
     assert lr_at(25, linear, 100) == pytest.approx(0.75)
+
+
+def test_peak_memory_is_logged_each_interval(tmp_path, capsys):
+    from train.trainer import run
+
+    overrides = ["train.max_steps=2", "logging.interval=1", "train.eval_interval=0", "model.num_layers=1"]
+    overrides += ["logging.progress_bar=false", "logging.wandb.mode=disabled", f"train.run_dir={tmp_path}"]
+    record = run(load_config(ROOT / "configs/tiny-cpu.yaml", overrides))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and record["mem_peak_gib"] == records[-1]["mem_peak_gib"]
+    # CPU: the process's peak RSS, at least the model and optimizer state it has held (a few MiB here).
+    for r in records:
+        assert 0.001 < r["mem_peak_gib"] < 1024
+    assert "mem_reserved_gib" not in records[-1]  # CUDA's caching allocator only
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
+    assert len(lines) == 2
+    for r, line in zip(records, lines, strict=True):
+        assert f"mem {r['mem_peak_gib']:.2f} GiB" in line

@@ -1,4 +1,5 @@
-"""Memory at start-up: the plan of a run's layout against the device it runs on, and `python -m train CONFIG --plan`.
+"""Memory at start-up and in the logs: the plan of a run's layout against the device it runs on, `python -m train
+CONFIG --plan`, and the peak memory of each logging interval.
 
 Device memory: CUDA the device's total memory; CPU the available RAM (MemAvailable in /proc/meminfo) shared by the
 ranks of this node (LOCAL_WORLD_SIZE).
@@ -7,10 +8,12 @@ ranks of this node (LOCAL_WORLD_SIZE).
 from __future__ import annotations
 
 import os
+import resource
 import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from model.config import ConfigError
 from parallel.memory import GIB, Layout, MemoryPlan, plan_memory
@@ -105,3 +108,34 @@ def print_plan(cfg: Config, device_gib: float | None = None) -> int:
     print(f"peak: {peak.total / GIB:.2f} GiB per rank (pipeline stage {peak.stage}); {verdict} ({budget}{what})")
     sys.stdout.flush()
     return 0
+
+
+class PeakMemory:
+    """Peak memory of each logging interval, the largest over all ranks. CUDA: torch's max allocated and max
+    reserved bytes since the last reading (the peaks are reset at each reading). CPU: the process's peak resident set
+    size (getrusage ru_maxrss), a high-water mark over the process's life that no interval can reset."""
+
+    def __init__(self, device: torch.device, distributed: bool = False) -> None:
+        self.device = device
+        self.distributed = distributed
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)  # the first interval starts here
+
+    def local(self) -> list[int]:
+        if self.device.type == "cuda":
+            peak = [torch.cuda.max_memory_allocated(self.device), torch.cuda.max_memory_reserved(self.device)]
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return peak
+        # ru_maxrss is in KiB on Linux, bytes on macOS.
+        return [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)]
+
+    def read(self) -> dict[str, float]:
+        """{"mem_peak_gib": ..., plus "mem_reserved_gib" on CUDA} for the interval that ends now. A collective when
+        distributed (logging intervals only)."""
+        values = self.local()
+        if self.distributed:
+            t = torch.tensor(values, dtype=torch.float64, device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            values = t.tolist()  # host-device sync, once per logging interval
+        keys = ["mem_peak_gib", "mem_reserved_gib"]
+        return {k: v / GIB for k, v in zip(keys, values, strict=False)}

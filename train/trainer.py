@@ -25,7 +25,7 @@ from parallel.mesh import ParallelContext, init_parallel
 from train.checkpoint import Checkpointer, check_compatible, latest_checkpoint, load_training_state, read_meta
 from train.config import Config
 from train.evaluate import evaluate, evaluate_pipeline
-from train.memory import check_fits, device_capacity, plan_for
+from train.memory import PeakMemory, check_fits, device_capacity, plan_for
 from train.metrics import MetricsLogger, format_duration, routing_summary
 from train.optim import build_optimizer, lr_at, set_lr
 from train.signals import ShutdownRequest
@@ -148,6 +148,7 @@ def run(cfg: Config) -> dict[str, Any]:
             "set train.resume=never to start over"
         )
     shutdown = ShutdownRequest()
+    peak_memory = PeakMemory(device, ctx.distributed)
     model.train()
     record: dict[str, Any] = {}
     nonfinite_in_a_row, skipped_total = 0, 0
@@ -192,6 +193,7 @@ def run(cfg: Config) -> dict[str, Any]:
                     interval_steps * tokens_per_step / (time.perf_counter() - interval_start),
                     router_states(model),
                 )
+                record.update(peak_memory.read())
                 if tc.eval_interval and (step % tc.eval_interval == 0 or step == tc.max_steps):
                     if pipeline is not None:
                         record.update(evaluate_pipeline(pipeline, valid_batches, amp, ctx.group("pp")))
@@ -328,5 +330,8 @@ def format_line(r: dict[str, Any], max_steps: int, floor: float | None) -> str:
         parts.append(f"val {r['val_loss']:.4f}")
     if "ffn_per_token_easy" in r:
         parts.append(f"ffn/tok easy {r['ffn_per_token_easy']:.2f} hard {r['ffn_per_token_hard']:.2f}")
+    if "mem_peak_gib" in r:
+        reserved = f" ({r['mem_reserved_gib']:.2f} reserved)" if "mem_reserved_gib" in r else ""
+        parts.append(f"mem {r['mem_peak_gib']:.2f} GiB{reserved}")
     parts.append(f"eta {format_duration(r['eta_s'])}" if r["eta_s"] == r["eta_s"] else "eta ?")
     return " | ".join(parts)
