@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from model.transformer import Decoder
+from parallel.init import build_model
 from parallel.mesh import init_parallel
 from train.checkpoint import latest_checkpoint, load_training_state
 from train.config import OptimConfig, load_config
@@ -76,8 +76,7 @@ def test_training_in_process_matches_a_manual_loop(tmp_path):
     cfg = load_config(ROOT / "configs/tiny-cpu.yaml", overrides)
     record = run(cfg)
 
-    torch.manual_seed(cfg.train.seed)
-    model = Decoder(cfg.model, cfg.moe)
+    model = build_model(cfg.model, cfg.moe, init_parallel(cfg.parallel, "cpu"), cfg.train.seed)
     opt = build_optimizer(model, cfg.optim)
     data = build_data(cfg.data, cfg.train.seed)
     for step in range(3):

@@ -18,9 +18,10 @@ from model.config import ConfigError
 from model.moe import RoutingStats
 from model.router import Router
 from model.transformer import Decoder
-from parallel import parallelize, pipeline_schedule
+from parallel import pipeline_schedule
 from parallel.activation_checkpoint import apply_activation_checkpointing
 from parallel.grads import GradSync
+from parallel.init import build_model
 from parallel.mesh import ParallelContext, init_parallel
 from train.checkpoint import Checkpointer, check_compatible, latest_checkpoint, load_training_state, read_meta
 from train.config import Config
@@ -91,9 +92,10 @@ def run(cfg: Config) -> dict[str, Any]:
     if ctx.is_logging_rank:
         print(plan.table(), flush=True)
     check_fits(plan, *device_capacity(device))
-    # Every rank builds the same full model from the same seed, then keeps its shards.
     torch.manual_seed(tc.seed)
-    model = parallelize(Decoder(cfg.model, cfg.moe).to(device), ctx)
+    # Parameters start on the meta device; each rank allocates and initialises only its shard, with values that do
+    # not depend on the layout (parallel/init.py).
+    model = build_model(cfg.model, cfg.moe, ctx, tc.seed)
     apply_activation_checkpointing(model, tc.activation_checkpointing)
     pipeline = pipeline_schedule(model, ctx)
     optimizer = build_optimizer(model, cfg.optim)

@@ -434,3 +434,56 @@ def memory_plan_matches_tensors(rank: int, world: int, layouts: dict[str, dict])
         want = {"params": plan.params, "optimizer": plan.optimizer}
         assert got == want, (name, got, want)
         assert plan.grads == plan.params  # a gradient has its parameter's local shape and dtype
+
+
+def streamed_init(rank: int, world: int, layouts: dict[str, dict]) -> None:
+    """Meta-device initialisation in each layout (ParallelConfig keys) gives exactly the single-process weights
+    (and buffers), holds at most this rank's shard plus the largest full parameter while doing it, and then trains
+    like the single-process model: parameters after 2 AdamW steps (tolerances above)."""
+    import dataclasses
+
+    from parallel import pipeline_schedule
+    from parallel.init import build_model
+    from parallel.mesh import ParallelContext, ParallelDims
+    from tests.memory_tracking import LiveStorage
+
+    mcfg, moecfg = tiny_model_configs()
+    moecfg = dataclasses.replace(moecfg, shared_experts=1)
+    mcfg = dataclasses.replace(mcfg, num_layers=4)
+    one = ParallelContext(ParallelDims(tp=1, ep=1, pp=1, dp=1), 0, torch.device("cpu"))
+    ref_model = build_model(mcfg, moecfg, one, seed=7)
+    full_bytes = sum(4 * p.numel() for p in ref_model.parameters())
+    largest = max(4 * p.numel() for p in ref_model.parameters())
+    for name, keys in layouts.items():
+        ctx = init_parallel(ParallelConfig(**keys), "cpu")
+        with LiveStorage() as live:
+            par = build_model(mcfg, moecfg, ctx, seed=7)
+        shard = _local_bytes(par.parameters()) + sum(b.untyped_storage().nbytes() for b in par.buffers())
+        # 4 KiB: small temporaries (the mesh coordinate, RoPE tables, buffers to_empty makes and the init replaces).
+        bound = shard + largest + 4096
+        assert live.peak <= bound < full_bytes, (name, live.peak, shard, largest, full_bytes)
+        ref = copy.deepcopy(ref_model)
+        got = full_tensors(par, ctx)
+        for pname, want in ref.named_parameters():
+            if pname in got:  # a pipeline stage holds its own layers
+                assert torch.equal(got[pname], want), (name, pname)
+        seen = [None] * world
+        dist.all_gather_object(seen, sorted(got))
+        assert set().union(*map(set, seen)) == {n for n, _ in ref.named_parameters()}, name
+        ref_buffers = dict(ref.named_buffers())
+        for bname, b in par.named_buffers():
+            assert torch.equal(b, ref_buffers[bname]), (name, bname)
+
+        optim_cfg = OptimConfig(lr=1e-2, weight_decay=0.1, eps=ADAM_EPS)
+        opt_ref, opt_par = build_optimizer(ref, optim_cfg), build_optimizer(par, optim_cfg)
+        sync, sched, dp = GradSync(par, ctx), pipeline_schedule(par, ctx), ctx.dims.dp
+        g = torch.Generator().manual_seed(1)
+        for step in range(2):
+            batch = torch.randint(0, mcfg.vocab_size, (2 * dp, 13), generator=g)
+            mine = list(batch.chunk(dp)[ctx.dp_rank].split(1))
+            r = train_step(ref, opt_ref, list(batch.split(1)), clip_grad=0.05)
+            p = train_step(par, opt_par, mine, clip_grad=0.05, grad_sync=sync, pipeline=sched)
+            _close(f"{name} step {step} grad norm", p.grad_norm, r.grad_norm)
+        ref_params = dict(ref.named_parameters())
+        for pname, t in full_tensors(par, ctx).items():
+            _close(f"{name} param {pname} after 2 steps", t, ref_params[pname].detach(), PARAM_RTOL, PARAM_ATOL)
