@@ -82,7 +82,7 @@ def test_training_in_process_matches_a_manual_loop(tmp_path):
     for step in range(3):
         set_lr(opt, lr_at(step, cfg.optim, 3))
         batch = data.global_batch(step * 16, 16)
-        result = train_step(model, opt, list(batch.split(8)), cfg.optim.clip_grad)
+        result = train_step(model, opt, list(batch.split(cfg.train.micro_batch_size)), cfg.optim.clip_grad)
     assert record["loss"] == pytest.approx(result.loss.item(), rel=1e-6)
 
 
