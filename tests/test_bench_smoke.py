@@ -7,6 +7,7 @@ benchmark (one was seen after 8 minutes of timings) is caught here in seconds in
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -91,3 +92,17 @@ def test_train_throughput_reports_a_step():
     tokens_per_s = float(row[4].replace(",", ""))
     assert int(row[2]) > 0 and tokens_per_s > 0
     assert "attention" in row[6] and "experts" in row[6]
+
+
+def test_memory_plan_reports_every_mode_and_the_7b_plans(tmp_path):
+    memory_md = ROOT / "docs" / "memory.md"
+    before = memory_md.read_bytes()
+    args = ["--config", "configs/tiny-cpu.yaml", "--seq-len", "16", "--micro-batch", "1"]
+    out = run_bench("memory_plan.py", *args, "--json", str(tmp_path / "m.json"))
+    assert memory_md.read_bytes() == before, "memory_plan.py --no-write changed docs/memory.md"
+    rows = {r[0]: r for r in table_rows(out, "") if r[0] in ("none", "full", "moe", "attention")}
+    assert set(rows) == {"none", "full", "moe", "attention"}
+    assert all(float(rows[m][2]) < 1 for m in ("full", "moe", "attention"))
+    record = json.loads((tmp_path / "m.json").read_text())
+    assert record["full_ac_max_block_ratio"] <= 1.1 and record["rss"]["step"]["rss_after_step_gib"] > 0
+    assert len(record["plan_7b"]) == 3 and out.count("memory plan per rank: world") == 3
