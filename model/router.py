@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from model import balance
 from model.config import MoEConfig
+from model.recompute import once
 
 
 @dataclass
@@ -162,7 +163,8 @@ class Router(nn.Module):
         else:
             gates = self.apply_gate_convention(probs.gather(1, expert_idx), expert_idx)
         if self.training:
-            self.accumulate(expert_idx, chosen, gates)
+            # once: a recomputed forward (activation checkpointing) must not count this micro-batch twice.
+            once(lambda: self.accumulate(expert_idx, chosen, gates))
         # Capacity is a training device (spec §3): evaluation and inference stay dropless and batch-independent.
         kept = chosen
         if cfg.capacity_factor is not None and self.training:
@@ -251,7 +253,9 @@ class Router(nn.Module):
         score_A = affinity_TK.reshape(-1)
         offset = 0
         if self.group_gather is not None:
-            both, offset = self.group_gather(torch.stack([expert_A.to(score_A.dtype), score_A], dim=1))
+            pairs = torch.stack([expert_A.to(score_A.dtype), score_A], dim=1)
+            # once: a recomputed forward replays the gathered pairs instead of gathering again.
+            both, offset = once(lambda: self.group_gather(pairs))
             expert_A, score_A = both[:, 0].long(), both[:, 1]
         keep = expert_choice_mask(expert_A, score_A, self.etr_capacity(expert_A.numel() // K), E)
         return keep[offset : offset + T * K].view(T, K)
@@ -285,8 +289,15 @@ class Router(nn.Module):
             # Counts of the step's micro-batches so far on every data-parallel rank (Megatron's global aux loss);
             # the last micro-batch sees the whole global batch. P stays local and carries the gradient.
             mine = torch.cat([counts, tokens[None]]).detach().double()
-            self.global_counts += self.dp_reducer(mine) if self.dp_reducer is not None else mine
-            f = (self.global_counts[:E] / self.global_counts[E]).to(P.dtype)
+
+            def add_to_step_counts() -> Tensor:
+                self.global_counts += self.dp_reducer(mine) if self.dp_reducer is not None else mine
+                return self.global_counts.clone()
+
+            # once: a recomputed forward (activation checkpointing) sees the counts this forward saw, adds nothing
+            # and runs no all-reduce, even when later micro-batches have been added since (pipeline schedules).
+            step_counts = once(add_to_step_counts)
+            f = (step_counts[:E] / step_counts[E]).to(P.dtype)
         terms: dict[str, Tensor] = {}
         at = 2 * E + 1
         if "heterogeneous" in weights:

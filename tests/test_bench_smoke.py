@@ -126,3 +126,17 @@ def test_memory_reports_sharded_state_and_throughput(tmp_path):
     assert re.search(r"fsdp / replicate = \*\*[0-9.]+\*\*", out)
     record = json.loads((tmp_path / "m.json").read_text())
     assert {"command", "machine", "torch", "date", "state", "throughput"} <= record.keys()
+
+
+def test_memory_plan_reports_every_mode_and_the_7b_plans(tmp_path):
+    memory_md = ROOT / "docs" / "memory.md"
+    before = memory_md.read_bytes()
+    args = ["--config", "configs/tiny-cpu.yaml", "--seq-len", "16", "--micro-batch", "1"]
+    out = run_bench("memory_plan.py", *args, "--json", str(tmp_path / "m.json"))
+    assert memory_md.read_bytes() == before, "memory_plan.py --no-write changed docs/memory.md"
+    rows = {r[0]: r for r in table_rows(out, "") if r[0] in ("none", "full", "moe", "attention")}
+    assert set(rows) == {"none", "full", "moe", "attention"}
+    assert all(float(rows[m][2]) < 1 for m in ("full", "moe", "attention"))
+    record = json.loads((tmp_path / "m.json").read_text())
+    assert record["full_ac_max_block_ratio"] <= 1.1 and record["rss"]["step"]["rss_after_step_gib"] > 0
+    assert len(record["plan_7b"]) == 3 and out.count("memory plan per rank: world") == 3
