@@ -99,6 +99,28 @@ def test_fsdp_shards_dense_state_over_dp_and_experts_over_edp():
         ParallelDims.from_config(ParallelConfig(dp=8, ep=4, data_parallel="hsdp", dp_shard=2), 8)
 
 
+def test_fsdp_buffers_follow_what_data_parallelism_keeps_gathered():
+    """replicate over dp > 1 keeps FSDP's compute copy of every parameter from the forward into the backward pass;
+    fsdp frees a unit after its forward (two units gathered at a time, plus the final norm and head it keeps), unless
+    reshard_after_forward is off; bf16 mixed precision gathers 2-byte copies; one process holds none."""
+    moe = moe_config(vanilla=False)
+
+    def stage(cuda: bool = False, **keys):
+        dims = ParallelDims.from_config(ParallelConfig(**keys), 4)
+        return plan_memory(MODEL, moe, dims, 2, 12, 1, cuda=cuda).stages[0]
+
+    assert plan_memory(MODEL, moe, single_process(), 2, 12, 1).stages[0].buffers == 0
+    replicate, fsdp = stage(dp=4), stage(dp=4, data_parallel="fsdp")
+    assert replicate.buffers > replicate.params  # the whole compute copy plus a unit's gradient buffers
+    zero2 = stage(dp=4, data_parallel="fsdp", reshard_after_forward=False)
+    # Without freeing after the forward pass every unit stays gathered, as under replicate; fsdp holds two + the head.
+    assert fsdp.buffers < zero2.buffers == replicate.buffers
+    bf16 = stage(cuda=True, dp=4, data_parallel="fsdp", reshard_after_forward=False, mixed_precision="bf16")
+    fp32 = stage(cuda=True, dp=4, data_parallel="fsdp", reshard_after_forward=False, mixed_precision="fp32")
+    gathered = 4 * replicate.param_elements  # every unit gathered whole, in fp32
+    assert bf16.buffers == fp32.buffers - gathered // 2
+
+
 def test_a_plan_that_does_not_fit_names_the_keys_to_change():
     plan = plan_memory(MODEL, moe_config(False), single_process(), 2, 12, 1)
     check_fits(plan, plan.peak.total, "exactly enough")
