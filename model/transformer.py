@@ -170,18 +170,24 @@ class Decoder(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
+        for name, p in self.named_parameters():
+            self.init_parameter(name, p)
+
+    @torch.no_grad()
+    def init_parameter(self, name: str, p: Tensor, generator: torch.Generator | None = None) -> None:
+        """Initialise parameter `name` (a full, unsharded tensor) in place, drawing from `generator` (default: the
+        global RNG). parallel/init.py calls it one parameter at a time with a per-parameter generator."""
         std = self.cfg.init_std
         # Output projections get the GPT-2 depth scaling so the residual stream does not grow with depth.
         out_std = std / math.sqrt(2 * self.cfg.num_layers)
-        for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            elif name.endswith("constant.v"):
-                p.normal_(0.0, 1.0)  # MoE++ spec: constant vectors v ~ N(0, 1)
-            elif name.endswith(("wo.weight", "w_down.weight", "experts.w_down")):
-                p.normal_(0.0, out_std)
-            else:
-                p.normal_(0.0, std)
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        elif name.endswith("constant.v"):
+            p.normal_(0.0, 1.0, generator=generator)  # MoE++ spec: constant vectors v ~ N(0, 1)
+        elif name.endswith(("wo.weight", "w_down.weight", "experts.w_down")):
+            p.normal_(0.0, out_std, generator=generator)
+        else:
+            p.normal_(0.0, std, generator=generator)
 
     def forward(
         self,

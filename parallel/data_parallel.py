@@ -142,8 +142,11 @@ def apply_data_parallel(model: nn.Module, ctx: ParallelContext) -> None:
                 module.set_custom_all_gather(_BroadcastAllGather())
                 module.set_custom_reduce_scatter(_AllReduceReduceScatter())
     # A dense block hands the previous router logits through unchanged, and FSDP's input hook made them a view;
-    # nothing modifies a block's outputs in place, which is what the warning is about.
-    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \((FSDPBlock|FSDPEmbedding)\) returned a view")
+    # nothing modifies a block's outputs in place, which is what the warning is about. (Checkpointed: the same
+    # block under activation checkpointing, parallel/activation_checkpoint.py.)
+    warnings.filterwarnings(
+        "ignore", message=r"FSDP2-wrapped module \((Checkpointed)?(FSDPBlock|FSDPEmbedding)\) returned a view"
+    )
 
 
 def reshard(model: nn.Module) -> None:

@@ -164,3 +164,13 @@ def test_memory_reports_sharded_state_and_throughput(tmp_path):
     assert float(one[0][3]) == 1.0 and 0.99 < float(two[0][3]) <= 1.05  # fsdp at dp=2 holds half the state
     assert re.search(r"fsdp / replicate = \*\*[0-9.]+\*\*", out)
     assert record["benchmark"] == "memory" and {"state", "throughput"} <= record.keys()
+
+
+def test_memory_plan_reports_every_mode_and_the_7b_plans(tmp_path):
+    args = ["--config", "configs/tiny-cpu.yaml", "--seq-len", "16", "--micro-batch", "1"]
+    out, record = run_bench("memory_plan.py", *args, out=tmp_path / "m.json")
+    rows = {r[0]: r for r in table_rows(out, "") if r[0] in ("none", "full", "moe", "attention")}
+    assert set(rows) == {"none", "full", "moe", "attention"}
+    assert all(float(rows[m][2]) < 1 for m in ("full", "moe", "attention"))
+    assert record["full_ac_max_block_ratio"] <= 1.1 and record["rss"]["step"]["rss_after_step_gib"] > 0
+    assert len(record["plan_7b"]) == 3 and out.count("memory plan per rank: world") == 3

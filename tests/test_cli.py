@@ -96,7 +96,11 @@ def test_unknown_key_without_a_close_one_lists_the_section(capsys):
 
 @pytest.mark.parametrize(
     ("argv", "start"),
-    [([], "usage: python -m train CONFIG.yaml"), (["--print-config"], "usage:"), ([TINY, "--verbose"], "--verbose:")],
+    [
+        ([], "usage: python -m train CONFIG.yaml"),
+        (["--print-config"], "usage:"),
+        ([TINY, "--verbose"], "usage error: --verbose: unknown option"),
+    ],
 )
 def test_bad_command_lines_are_one_line(capsys, argv, start):
     assert main(argv) == 2

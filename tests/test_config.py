@@ -54,6 +54,12 @@ def test_overrides_apply_with_yaml_types():
         (["data.path=/no/such/file.txt"], "data.path", "does not exist"),
         (["train.max_steps"], "train.max_steps", "dotted.key=value"),
         (["model=3"], "model", "expected a mapping"),
+        (["train.activation_checkpointing=some"], "train.activation_checkpointing", "not one of none, full"),
+        (
+            ["train.activation_checkpointing=moe", "moe.num_experts=0", "parallel.ep=1"],
+            "train.activation_checkpointing",
+            "moe.num_experts is 0",
+        ),
     ],
 )
 def test_bad_values_name_the_dotted_key(overrides, key, reason):

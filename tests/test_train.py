@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from model.transformer import Decoder
+from parallel.init import build_model
 from parallel.mesh import init_parallel
 from train.checkpoint import latest_checkpoint, load_training_state
 from train.config import OptimConfig, load_config
@@ -76,14 +76,13 @@ def test_training_in_process_matches_a_manual_loop(tmp_path):
     cfg = load_config(ROOT / "configs/tiny-cpu.yaml", overrides)
     record = run(cfg)
 
-    torch.manual_seed(cfg.train.seed)
-    model = Decoder(cfg.model, cfg.moe)
+    model = build_model(cfg.model, cfg.moe, init_parallel(cfg.parallel, "cpu"), cfg.train.seed)
     opt = build_optimizer(model, cfg.optim)
     data = build_data(cfg.data, cfg.train.seed)
     for step in range(3):
         set_lr(opt, lr_at(step, cfg.optim, 3))
         batch = data.global_batch(step * 16, 16)
-        result = train_step(model, opt, list(batch.split(8)), cfg.optim.clip_grad)
+        result = train_step(model, opt, list(batch.split(cfg.train.micro_batch_size)), cfg.optim.clip_grad)
     assert record["loss"] == pytest.approx(result.loss.item(), rel=1e-6)
 
 
@@ -116,3 +115,21 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
     assert lr_at(500, cfg, 110) == pytest.approx(0.1)
     linear = OptimConfig(lr=1.0, min_lr=0.0, warmup_steps=0, decay="linear")
     assert lr_at(25, linear, 100) == pytest.approx(0.75)
+
+
+def test_peak_memory_is_logged_each_interval(tmp_path, capsys):
+    from train.trainer import run
+
+    overrides = ["train.max_steps=2", "logging.interval=1", "train.eval_interval=0", "model.num_layers=1"]
+    overrides += ["logging.progress_bar=false", "logging.wandb.mode=disabled", f"train.run_dir={tmp_path}"]
+    record = run(load_config(ROOT / "configs/tiny-cpu.yaml", overrides))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and record["mem_peak_gib"] == records[-1]["mem_peak_gib"]
+    # CPU: the process's peak RSS, at least the model and optimizer state it has held (a few MiB here).
+    for r in records:
+        assert 0.001 < r["mem_peak_gib"] < 1024
+    assert "mem_reserved_gib" not in records[-1]  # CUDA's caching allocator only
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
+    assert len(lines) == 2
+    for r, line in zip(records, lines, strict=True):
+        assert f"mem {r['mem_peak_gib']:.2f} GiB" in line

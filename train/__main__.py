@@ -1,18 +1,24 @@
-"""usage: python -m train CONFIG.yaml [section.key=value ...] [--print-config] [--help]
+"""usage: python -m train CONFIG.yaml [section.key=value ...] [--plan [--device-gib N]] [--print-config] [--help]
 
 Trains the model CONFIG.yaml describes (configs/ holds presets); `section.key=value` overrides any key, e.g.
-`train.max_steps=50 parallel.tp=2`. --print-config prints the resolved configuration as YAML and exits;
---help lists every key with its type, default and meaning."""
+`train.max_steps=50 parallel.tp=2`. --plan prints the memory plan per rank for the configured layout (world =
+parallel.dp x tp x pp; --device-gib N compares it against devices of N GiB) and exits: no process group, nothing
+allocated. --print-config prints the resolved configuration as YAML and exits; --help lists every key with its
+type, default and meaning."""
 
 from __future__ import annotations
 
 import os
 import sys
 
+from model.config import ConfigError
 from model.errors import UserError
 
 USAGE = __doc__.split("\n\n")[0]
-FLAGS = ("--help", "-h", "--print-config")
+
+
+class UsageError(UserError):
+    """A command-line option that does not exist or lacks its value."""
 
 
 def _error(message: str) -> int:
@@ -30,22 +36,23 @@ def main(argv: list[str] | None = None) -> int:
 
         print(render_help(Config, __doc__.strip()), end="")
         return 0
-    args = [a for a in argv if a not in FLAGS]
-    unknown = [a for a in args[1:] if a.startswith("-")]
-    if not args or args[0].startswith("-") or unknown:
-        bad = unknown[0] if unknown else (args[0] if args else None)
-        return _error(f"{bad}: unknown option; {USAGE[7:]}" if bad else USAGE)
-    config_path, overrides = args[0], args[1:]
+    try:
+        config_path, overrides, flags, device_gib = _parse(argv)
+    except UsageError as e:
+        return _error(str(e))
     from train.config import config_yaml, load_config
 
     try:
         cfg = load_config(config_path, overrides)
+        if "--plan" in flags:
+            from train.memory import print_plan
+
+            return print_plan(cfg, device_gib)
     except UserError as e:
         return _error(f"config error: {e}")
-    if "--print-config" in argv:
+    if "--print-config" in flags:
         print(config_yaml(cfg), end="")
         return 0
-    from model.config import ConfigError
     from parallel.mesh import CollectiveError
     from train.trainer import NonFiniteStateError, run
 
@@ -53,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         run(cfg)
     except ConfigError as e:  # layout checks that need WORLD_SIZE run inside run()
         return _error(f"config error: {e}")
-    except UserError as e:  # bad data, checkpoints or layouts found once the run starts; a bug keeps its traceback
+    except UserError as e:  # bad data, checkpoints or devices found once the run starts; a bug keeps its traceback
         return _error(f"error: {e}")
     except NonFiniteStateError as e:
         return _error(f"error: {e}")
@@ -66,6 +73,34 @@ def main(argv: list[str] | None = None) -> int:
         os._exit(1)
     _close_process_group()
     return 0
+
+
+def _parse(argv: list[str]) -> tuple[str, list[str], set[str], float | None]:
+    """(config path, overrides, flags given, --device-gib value) or a UsageError naming the bad argument."""
+    if not argv or argv[0].startswith("-"):
+        raise UsageError(USAGE)
+    overrides: list[str] = []
+    flags: set[str] = set()
+    device_gib = None
+    it = iter(argv[1:])
+    for arg in it:
+        if arg in ("--plan", "--print-config"):
+            flags.add(arg)
+        elif arg == "--device-gib" or arg.startswith("--device-gib="):
+            value = arg.split("=", 1)[1] if "=" in arg else next(it, None)
+            try:
+                device_gib = float(value) if value is not None else None
+            except ValueError:
+                device_gib = None
+            if device_gib is None or device_gib <= 0:
+                raise UsageError(f"usage error: --device-gib: expected a positive number of GiB, got {value!r}")
+        elif arg.startswith("-"):
+            raise UsageError(f"usage error: {arg}: unknown option; {USAGE[7:]}")
+        else:
+            overrides.append(arg)
+    if device_gib is not None and "--plan" not in flags:
+        raise UsageError("usage error: --device-gib: only used with --plan (a run compares against its own device)")
+    return argv[0], overrides, flags, device_gib
 
 
 def _close_process_group() -> None:

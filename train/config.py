@@ -50,6 +50,9 @@ class DatasetConfig:
     weight: float = 1.0
 
 
+SYNTHETIC_MAX_PARAMS = 50_000_000  # a toy model: the largest the synthetic corpus trains without data.allow_synthetic
+
+
 @dataclass
 class DataConfig:
     """`data:` the training corpus, its tokenizer and how documents are packed into windows."""
@@ -79,6 +82,9 @@ class DataConfig:
     # The end-of-document token id. null: 256 for byte-level .txt/.jsonl data, data.tokenizer's for indexed datasets.
     # Set it for an indexed dataset built without a tokenizer the config names, or with another EOD than its own.
     eod_id: int | None = None
+    # The synthetic corpus is for smoke runs: a model larger than a toy (SYNTHETIC_MAX_PARAMS) is refused on it
+    # unless this is true.
+    allow_synthetic: bool = False
 
     def validate(self) -> None:
         require(self.seq_len > 0, "data.seq_len", f"must be positive, got {self.seq_len}")
@@ -173,6 +179,16 @@ class DataConfig:
             key,
             "needs the end-of-document token id, which an indexed dataset does not record; set data.tokenizer (the "
             "tokenizer it was built with) or data.eod_id",
+        )
+
+    def check_corpus_fits_model(self, num_params: int) -> None:
+        """Refuse to pretrain a model larger than a toy on the synthetic corpus, unless allow_synthetic."""
+        require(
+            bool(self.paths) or self.allow_synthetic or num_params <= SYNTHETIC_MAX_PARAMS,
+            "data.path",
+            f"null trains on the embedded synthetic corpus, meant for smoke runs of models up to "
+            f"{SYNTHETIC_MAX_PARAMS / 1e6:.0f}M parameters, and this one has {num_params / 1e6:,.0f}M parameters; "
+            "set data.path to a dataset from tools/preprocess_data.py, or data.allow_synthetic=true to use it anyway",
         )
 
     def validate_vocab(self, vocab_size: int) -> None:
@@ -274,6 +290,9 @@ class TrainConfig:
     # torch.compile each transformer block (inductor, static shapes); the MoE dispatch-to-combine section stays
     # eager (parallel/compile.py says where the graphs break). The first steps pay the compile time.
     compile: bool = False
+    # Recompute activations in the backward pass instead of keeping them: full (every decoder block keeps only its
+    # inputs), moe (the FFN experts), attention, or none (parallel/activation_checkpoint.py).
+    activation_checkpointing: Literal["none", "full", "moe", "attention"] = "none"
 
     @property
     def last_step(self) -> int:
@@ -418,6 +437,11 @@ class Config:
             ("moe.shared_experts", self.moe.shared_ffn_hidden_size(self.model.ffn_hidden_size)),
         ):
             require(value % tp == 0, key, f"{value} is not divisible by parallel.tp={tp}")
+        require(
+            self.train.activation_checkpointing != "moe" or self.moe.enabled,
+            "train.activation_checkpointing",
+            "moe checkpoints the FFN experts, but moe.num_experts is 0; use full or attention",
+        )
         self.data.validate_vocab(self.model.vocab_size)
         check_memory(self)
         self.data.validate_documents(self.model.vocab_size)

@@ -22,14 +22,17 @@ from model.errors import UserError
 from model.moe import RoutingStats
 from model.routers import EtrRouter, Router
 from model.transformer import Decoder
-from parallel import parallelize, pipeline_schedule
+from parallel import pipeline_schedule
+from parallel.activation_checkpoint import apply_activation_checkpointing
 from parallel.data_parallel import check_mixed_precision
 from parallel.grads import GradSync
+from parallel.init import build_model
 from parallel.mesh import ParallelContext, init_parallel
 from train.checkpoint import Checkpointer, check_compatible, find_latest, load_training_state, read_meta
 from train.config import Config, micro_batches_per_step
 from train.evaluate import evaluate, evaluate_pipeline
 from train.flops import device_peak_tflops, flops_per_token, tflops_per_device
+from train.memory import PeakMemory, check_fits, device_capacity, plan_for
 from train.metrics import MetricsLogger, format_duration, routing_summary
 from train.optim import build_optimizer, lr_at, set_lr
 from train.signals import ShutdownRequest
@@ -78,15 +81,24 @@ def reduce_for_logging(ctx: ParallelContext, values: torch.Tensor, routing: list
 
 def run(cfg: Config) -> dict[str, Any]:
     """Train according to cfg; returns the last logged record (rank 0's view; every rank returns it)."""
+    counts = _param_counts(cfg)
+    cfg.data.check_corpus_fits_model(counts[0])
     ctx = init_parallel(cfg.parallel, resolve_device_type(cfg.train.device))
     device = ctx.device
     tc = cfg.train
     if ctx.dims.sharded:
         check_mixed_precision(cfg.parallel.mixed_precision, device.type, use_bf16_autocast(device, tc.dtype))
     n_micro = micro_batches_per_step(cfg, ctx.dims.dp)
-    # Every rank builds the same full model from the same seed, then keeps its shards.
+    # Before anything is allocated: what each rank will hold, against what its device has.
+    plan = plan_for(cfg, ctx.dims.world_size, device.type)
+    if ctx.is_logging_rank:
+        print(plan.table(), flush=True)
+    check_fits(plan, *device_capacity(device))
     torch.manual_seed(tc.seed)
-    model = parallelize(Decoder(cfg.model, cfg.moe).to(device), ctx, compile_backend="inductor" if tc.compile else None)
+    # Parameters start on the meta device; each rank allocates and initialises only its shard, with values that do
+    # not depend on the layout (parallel/init.py).
+    model = build_model(cfg.model, cfg.moe, ctx, tc.seed, compile_backend="inductor" if tc.compile else None)
+    apply_activation_checkpointing(model, tc.activation_checkpointing)
     pipeline = pipeline_schedule(model, ctx)
     optimizer = build_optimizer(model, cfg.optim)
     grad_sync = GradSync(model, ctx)
@@ -164,6 +176,7 @@ def run(cfg: Config) -> dict[str, Any]:
             "set train.resume=never to start over"
         )
     shutdown = ShutdownRequest()
+    peak_memory = PeakMemory(device, ctx.distributed)
     model.train()
     record: dict[str, Any] = {}
     nonfinite_in_a_row, skipped_total = 0, 0
@@ -207,6 +220,7 @@ def run(cfg: Config) -> dict[str, Any]:
                     interval_steps * tokens_per_step / (time.perf_counter() - interval_start),
                     router_states(model),
                 )
+                record.update(peak_memory.read())
                 if tc.eval_interval and (step % tc.eval_interval == 0 or step == tc.max_steps):
                     if pipeline is not None:
                         record.update(evaluate_pipeline(pipeline, valid_batches, amp, ctx.group("pp"), documents))
@@ -390,5 +404,8 @@ def format_line(r: dict[str, Any], max_steps: int, entropy: float | None) -> str
         parts.append(f"val {r['val_loss']:.4f}")
     if "ffn_per_token_easy" in r:
         parts.append(f"ffn/tok easy {r['ffn_per_token_easy']:.2f} hard {r['ffn_per_token_hard']:.2f}")
+    if "mem_peak_gib" in r:
+        reserved = f" ({r['mem_reserved_gib']:.2f} reserved)" if "mem_reserved_gib" in r else ""
+        parts.append(f"mem {r['mem_peak_gib']:.2f} GiB{reserved}")
     parts.append(f"eta {format_duration(r['eta_s'])}" if r["eta_s"] == r["eta_s"] else "eta ?")
     return " | ".join(parts)

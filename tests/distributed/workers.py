@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from model.config import ModelConfig, MoEConfig
 from model.transformer import Decoder
 from parallel import parallelize
+from parallel.activation_checkpoint import apply_activation_checkpointing
 from parallel.config import ParallelConfig
 from parallel.grads import GradSync, full_tensors
 from parallel.mesh import init_parallel
@@ -79,25 +80,29 @@ def equivalence(
     steps: int,
     sp: bool = False,
     compile_backend: str | None = None,
+    ac: str = "none",
 ) -> None:
-    """The parallel model (its blocks compiled by `compile_backend`) against the eager single-process one."""
-    check_equivalence(ParallelConfig(tp=tp, ep=ep, sequence_parallel=sp), capacity, steps, compile_backend)
+    """The parallel model (its blocks compiled by `compile_backend`, activation checkpointing `ac`) against the
+    eager single-process one."""
+    check_equivalence(ParallelConfig(tp=tp, ep=ep, sequence_parallel=sp), capacity, steps, ac, compile_backend)
 
 
 def layouts(rank: int, world: int, cases: dict[str, dict]) -> None:
     """Several layouts in one world, one after the other (each builds its own meshes from the same process group):
-    {name: ParallelConfig keys, plus "pipeline": (num_layers, every_n_layers) for a pipeline case}."""
+    {name: ParallelConfig keys, plus "pipeline": (num_layers, every_n_layers) for a pipeline case and "ac": an
+    activation checkpointing mode}."""
     for name, case in cases.items():
         case = dict(case)
         pipeline = case.pop("pipeline", None)
         bf16 = case.pop("bf16", False)
+        ac = case.pop("ac", "none")
         try:
             if bf16:
                 check_bf16_step(ParallelConfig(**case, mixed_precision="bf16"))
             elif pipeline is None:
-                check_equivalence(ParallelConfig(**case), None, 3)
+                check_equivalence(ParallelConfig(**case), None, 3, ac)
             else:
-                check_pipeline(ParallelConfig(**case), *pipeline)
+                check_pipeline(ParallelConfig(**case), *pipeline, ac=ac)
         except Exception as e:
             e.add_note(f"in layout {name}")
             raise
@@ -169,17 +174,18 @@ def check_bf16_step(pcfg: ParallelConfig) -> None:
 
 
 def check_equivalence(
-    pcfg: ParallelConfig, capacity: float | None, steps: int, compile_backend: str | None = None
+    pcfg: ParallelConfig, capacity: float | None, steps: int, ac: str = "none", compile_backend: str | None = None
 ) -> None:
-    """The layout's model (its blocks compiled by `compile_backend`) against the eager single-process model with the
-    same weights: logits, loss, every gradient and the global norm of step 0, then the parameters after `steps`
-    AdamW steps (plus the sharded state under fsdp/hsdp)."""
+    """The layout's model (with activation checkpointing `ac`, its blocks compiled by `compile_backend`) against the
+    eager single-process model with the same weights and no checkpointing: logits, loss, every gradient and the
+    global norm of step 0, then the parameters after `steps` AdamW steps (plus the sharded state under fsdp/hsdp)."""
     ctx = init_parallel(pcfg, "cpu")
     dp = ctx.dims.dp
     mcfg, moecfg = tiny_model_configs(capacity=capacity)
     torch.manual_seed(0)
     ref = Decoder(mcfg, moecfg)
     par = parallelize(copy.deepcopy(ref), ctx, compile_backend=compile_backend)
+    assert (ac == "none") == (not apply_activation_checkpointing(par, ac))  # regions were found and wrapped
     g = torch.Generator().manual_seed(1)
     # Two sequences per data-parallel rank; rank d takes shard d (tp ranks of one replica share it).
     batches = [torch.randint(0, mcfg.vocab_size, (2 * dp, 13), generator=g) for _ in range(steps + 1)]
@@ -486,19 +492,32 @@ def pipeline_equivalence(
     pp_layers: list[int] | None,
     vanilla: bool = False,
     compile_backend: str | None = None,
+    ac: str = "none",
+    global_balance: bool = False,
 ) -> None:
+    pcfg = ParallelConfig(pp=pp, tp=tp, ep=ep, pp_layers=pp_layers)
     check_pipeline(
-        ParallelConfig(pp=pp, tp=tp, ep=ep, pp_layers=pp_layers), num_layers, every_n, vanilla, compile_backend
+        pcfg, num_layers, every_n, vanilla, ac=ac, global_balance=global_balance, compile_backend=compile_backend
     )
 
 
 def check_pipeline(
-    pcfg: ParallelConfig, num_layers: int, every_n: int, vanilla: bool = False, compile_backend: str | None = None
+    pcfg: ParallelConfig,
+    num_layers: int,
+    every_n: int,
+    vanilla: bool = False,
+    ac: str = "none",
+    global_balance: bool = False,
+    compile_backend: str | None = None,
 ) -> None:
-    """Pipeline stages (1F1B, 3 micro-batches per rank; blocks compiled by `compile_backend`) against the eager
-    single-process model: loss, balance loss, every gradient and the parameters after 3 steps."""
+    """Pipeline stages (1F1B, 3 micro-batches per rank) with activation checkpointing `ac` and blocks compiled by
+    `compile_backend` against the eager single-process model without checkpointing: loss, balance loss, every
+    gradient and the parameters after 3 steps. global_balance: the balance loss takes f from the step's
+    micro-batches so far (a stage runs later micro-batches' forwards before an earlier one's backward) and the
+    aux-free bias moves after each step."""
     import dataclasses
 
+    from model.config import BalanceTerm
     from parallel import pipeline_schedule
 
     ctx = init_parallel(pcfg, "cpu")
@@ -506,9 +525,13 @@ def check_pipeline(
     mcfg, moecfg = tiny_model_configs(vanilla=vanilla)
     mcfg = dataclasses.replace(mcfg, num_layers=num_layers)
     moecfg = dataclasses.replace(moecfg, every_n_layers=every_n)
+    if global_balance:
+        moecfg.balance_scope = "global_batch"
+        moecfg.balance = [BalanceTerm("heterogeneous", 0.01), BalanceTerm("aux_free_bias", 0.01)]
     torch.manual_seed(0)
     ref = Decoder(mcfg, moecfg)
     par = parallelize(copy.deepcopy(ref), ctx, compile_backend=compile_backend)
+    assert (ac == "none") == (not apply_activation_checkpointing(par, ac))  # regions were found and wrapped
     sched = pipeline_schedule(par, ctx)
     sync = GradSync(par, ctx)
     g = torch.Generator().manual_seed(1)
@@ -581,7 +604,14 @@ def router_family_configs(variant: str) -> tuple[ModelConfig, MoEConfig]:
 
 
 def router_family(
-    rank: int, world: int, tp: int, ep: int, sp: bool, variant: str, compile_backend: str | None = None
+    rank: int,
+    world: int,
+    tp: int,
+    ep: int,
+    sp: bool,
+    variant: str,
+    compile_backend: str | None = None,
+    ac: str = "none",
 ) -> None:
     """The parallel model on its data-parallel shard against the single-process model on the concatenated batch:
     with global-batch balance the mean of the ranks' losses is the whole batch's loss, ETR's expert choice ranks the
@@ -595,6 +625,7 @@ def router_family(
     torch.manual_seed(0)
     ref = Decoder(mcfg, moecfg)
     par = parallelize(copy.deepcopy(ref), ctx, compile_backend=compile_backend)
+    assert (ac == "none") == (not apply_activation_checkpointing(par, ac))  # regions were found and wrapped
     g = torch.Generator().manual_seed(1)
     batch = torch.randint(0, mcfg.vocab_size, (2 * dp, 13), generator=g)
     shard = batch.chunk(dp)[ctx.dp_rank]
@@ -859,3 +890,127 @@ def overlap_order(rank: int, world: int) -> None:
     ], forward
     for got, want in zip(results[True][2:], results[False][2:], strict=True):
         assert torch.equal(got, want)
+
+
+def activation_checkpointing(rank: int, world: int, modes: list[str]) -> None:
+    """Every checkpointing mode in tensor (tp=2), expert (ep=2, plain and with global-batch balance, the aux-free
+    bias and ETR's expert choice over the data-parallel batch) and pipeline (pp=2, router logits crossing the stage
+    boundary) parallelism, against the single-process model without checkpointing. One world of 2 for all."""
+    assert world == 2
+    cases = {
+        "tp2": (equivalence, (2, 1, None, 2), {}),
+        "ep2": (equivalence, (1, 2, None, 2), {}),
+        "ep2-global-balance": (router_family, (1, 2, False, "moepp-global"), {}),
+        "ep2-etr": (router_family, (1, 2, False, "etr"), {}),
+        "pp2": (pipeline_equivalence, (2, 1, 1, 4, 1, None), {}),
+        "pp2-global-balance": (pipeline_equivalence, (2, 1, 1, 4, 1, None), {"global_balance": True}),
+    }
+    for ac in modes:
+        for name, (fn, args, kwargs) in cases.items():
+            try:
+                fn(rank, world, *args, ac=ac, **kwargs)
+            except AssertionError as e:
+                raise AssertionError(f"{name} with activation_checkpointing={ac}: {e}") from None
+
+
+def _local_bytes(tensors) -> int:
+    return sum(4 * (t.to_local() if hasattr(t, "to_local") else t).numel() for t in tensors)
+
+
+def _storage_bytes(tensors) -> int:
+    """Bytes of the storages behind the local tensors, each once (FSDP keeps a shard in a storage padded to the
+    largest shard of its group)."""
+    storages = {}
+    for t in tensors:
+        storage = (t.to_local() if hasattr(t, "to_local") else t).untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def memory_plan_matches_tensors(rank: int, world: int, layouts: dict[str, dict]) -> None:
+    """The memory plan's parameters, gradients and AdamW state of this rank's pipeline stage equal the bytes of the
+    local tensors after parallelize and one optimizer step, for each layout (ParallelConfig keys, plus "experts": FFN
+    experts per MoE layer). The plan counts a rank's share as the largest of its group, as FSDP pads it: parameters
+    are compared as their (padded) storage on every rank, AdamW moments (unpadded) as the largest over dp ranks."""
+    import dataclasses
+
+    from parallel import pipeline_schedule
+    from parallel.memory import plan_memory
+    from parallel.mesh import ParallelDims
+
+    for name, keys in layouts.items():
+        keys = dict(keys)
+        mcfg, moecfg = tiny_model_configs()
+        # shared experts are tensor-parallel too
+        moecfg = dataclasses.replace(moecfg, shared_experts=1, num_experts=keys.pop("experts", moecfg.num_experts))
+        mcfg = dataclasses.replace(mcfg, num_layers=4)
+        pcfg = ParallelConfig(**keys)
+        ctx = init_parallel(pcfg, "cpu")
+        torch.manual_seed(0)
+        model = parallelize(Decoder(mcfg, moecfg), ctx)
+        opt = build_optimizer(model, OptimConfig(lr=1e-2))
+        tokens = torch.randint(0, mcfg.vocab_size, (2, 13), generator=torch.Generator().manual_seed(rank))
+        sched = pipeline_schedule(model, ctx)
+        train_step(model, opt, list(tokens.split(1)), 1.0, grad_sync=GradSync(model, ctx), pipeline=sched)
+        plan = plan_memory(mcfg, moecfg, ParallelDims.from_config(pcfg, world), 1, 12, 2).stages[ctx.pp_rank]
+        params = list(model.parameters())
+        state = torch.tensor(_local_bytes([t for p in params for k, t in opt.state[p].items() if k != "step"]))
+        if ctx.dims.dp > 1:
+            dist.all_reduce(state, op=dist.ReduceOp.MAX, group=ctx.group("dp"))
+        got = {"params": _storage_bytes(params), "optimizer": int(state)}
+        want = {"params": plan.params, "optimizer": plan.optimizer}
+        assert got == want, (name, got, want)
+        assert plan.grads == plan.params  # a gradient has its parameter's local shape and dtype
+
+
+def streamed_init(rank: int, world: int, layouts: dict[str, dict]) -> None:
+    """Meta-device initialisation in each layout (ParallelConfig keys) gives exactly the single-process weights
+    (and buffers), holds at most this rank's shard plus the largest full parameter while doing it, and then trains
+    like the single-process model: parameters after 2 AdamW steps (tolerances above)."""
+    import dataclasses
+
+    from parallel import pipeline_schedule
+    from parallel.init import build_model
+    from parallel.mesh import ParallelContext, ParallelDims
+    from tests.memory_tracking import LiveStorage
+
+    mcfg, moecfg = tiny_model_configs()
+    moecfg = dataclasses.replace(moecfg, shared_experts=1)
+    mcfg = dataclasses.replace(mcfg, num_layers=4)
+    one = ParallelContext(ParallelDims(tp=1, ep=1, pp=1, dp=1), 0, torch.device("cpu"))
+    ref_model = build_model(mcfg, moecfg, one, seed=7)
+    full_bytes = sum(4 * p.numel() for p in ref_model.parameters())
+    largest = max(4 * p.numel() for p in ref_model.parameters())
+    for name, keys in layouts.items():
+        ctx = init_parallel(ParallelConfig(**keys), "cpu")
+        with LiveStorage() as live:
+            par = build_model(mcfg, moecfg, ctx, seed=7)
+        shard = _storage_bytes(par.parameters()) + sum(b.untyped_storage().nbytes() for b in par.buffers())
+        # 4 KiB: small temporaries (the mesh coordinate, RoPE tables, buffers to_empty makes and the init replaces).
+        bound = shard + largest + 4096
+        assert live.peak <= bound < full_bytes, (name, live.peak, shard, largest, full_bytes)
+        ref = copy.deepcopy(ref_model)
+        got = full_tensors(par)
+        for pname, want in ref.named_parameters():
+            if pname in got:  # a pipeline stage holds its own layers
+                assert torch.equal(got[pname], want), (name, pname)
+        seen = [None] * world
+        dist.all_gather_object(seen, sorted(got))
+        assert set().union(*map(set, seen)) == {n for n, _ in ref.named_parameters()}, name
+        ref_buffers = dict(ref.named_buffers())
+        for bname, b in par.named_buffers():
+            assert torch.equal(b, ref_buffers[bname]), (name, bname)
+
+        optim_cfg = OptimConfig(lr=1e-2, weight_decay=0.1, eps=ADAM_EPS)
+        opt_ref, opt_par = build_optimizer(ref, optim_cfg), build_optimizer(par, optim_cfg)
+        sync, sched, dp = GradSync(par, ctx), pipeline_schedule(par, ctx), ctx.dims.dp
+        g = torch.Generator().manual_seed(1)
+        for step in range(2):
+            batch = torch.randint(0, mcfg.vocab_size, (2 * dp, 13), generator=g)
+            mine = list(batch.chunk(dp)[ctx.dp_rank].split(1))
+            r = train_step(ref, opt_ref, list(batch.split(1)), clip_grad=0.05)
+            p = train_step(par, opt_par, mine, clip_grad=0.05, grad_sync=sync, pipeline=sched)
+            _close(f"{name} step {step} grad norm", p.grad_norm, r.grad_norm)
+        ref_params = dict(ref.named_parameters())
+        for pname, t in full_tensors(par).items():
+            _close(f"{name} param {pname} after 2 steps", t, ref_params[pname].detach(), PARAM_RTOL, PARAM_ATOL)
