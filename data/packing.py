@@ -63,3 +63,11 @@ class DocumentPacking:
         if not self.mask_loss:
             return targets
         return targets.masked_fill(window_BS1[:, :-1] == self.eod_id, IGNORE_INDEX)
+
+
+def window_inputs(window_BS1: Tensor, documents: DocumentPacking | None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """A [B, S+1] token window -> (input tokens, targets, Decoder.forward's document inputs)."""
+    inputs = window_BS1[:, :-1]
+    if documents is None:
+        return inputs, window_BS1[:, 1:], {}
+    return inputs, documents.targets(window_BS1), documents.model_inputs(inputs)

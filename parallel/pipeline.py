@@ -27,10 +27,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from data.packing import window_inputs
 from model.config import ConfigError, MoEConfig
 from model.moe import RoutingStats
 from model.transformer import Decoder, ModelOutput
 from parallel.data_parallel import reduce_across_replicas
+from parallel.loss import ce_scale, lm_loss, loss_context
 
 
 def stage_layer_counts(num_layers: int, pp: int, layers_per_stage: list[int] | None) -> list[int]:
@@ -83,7 +85,7 @@ class _InFlight:
 
 @dataclass
 class StageResult:
-    # Sum over micro-batches of the summed CE times the step's scale (train.step.ce_scale: this rank's share of the
+    # Sum over micro-batches of the summed CE times the step's scale (parallel.loss.ce_scale: this rank's share of the
     # step's mean CE); last stage, zero elsewhere.
     ce_sum: Tensor
     aux_sum: Tensor  # sum over micro-batches of this stage's aux loss (weighted balance terms)
@@ -147,8 +149,6 @@ class PipelineSchedule:
         documents: Any,
         scale: Tensor | float,
     ) -> _InFlight:
-        # The loss lives with training; imported here to keep parallel/ light.
-        from train.step import lm_loss, window_inputs
 
         token_inputs, targets, doc_inputs = window_inputs(tokens, documents)
         inputs: list[Tensor] = []
@@ -170,7 +170,6 @@ class PipelineSchedule:
         return _InFlight(inputs, outputs, out.aux_loss / n_micro, out)
 
     def _backward(self, job: _InFlight, grads: list[Tensor] | None, last: bool) -> list[Tensor] | None:
-        from train.step import loss_context
 
         reduce_across_replicas(self.model, now=last)
         if self.is_last:
@@ -197,9 +196,8 @@ class PipelineSchedule:
         scale: Tensor | float | None = None,
     ) -> StageResult:
         """One step's forwards and backwards on this stage. documents: a data.packing.DocumentPacking or None;
-        scale: the factor of each micro-batch's summed CE (train.step.ce_scale; default: the mean over these
+        scale: the factor of each micro-batch's summed CE (parallel.loss.ce_scale; default: the mean over these
         micro-batches' positions)."""
-        from train.step import ce_scale
 
         n = len(micro_batches)
         scale = ce_scale(micro_batches, documents) if scale is None else scale
@@ -246,7 +244,6 @@ class PipelineSchedule:
         self, tokens: Tensor, amp: contextlib.AbstractContextManager, documents: Any = None
     ) -> ModelOutput:
         """One batch through the stages (evaluation); the last stage's output has the logits."""
-        from train.step import window_inputs
 
         token_inputs, _, doc_inputs = window_inputs(tokens, documents)
         device = tokens.device

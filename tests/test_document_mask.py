@@ -17,7 +17,8 @@ from data.packing import IGNORE_INDEX, DocumentPacking, document_ids, document_p
 from model.config import ModelConfig, MoEConfig
 from model.document_mask import document_attention, document_mask
 from model.transformer import Decoder
-from train.step import ce_scale, lm_loss, local_forward_backward
+from parallel.loss import ce_scale, lm_loss
+from train.step import local_forward_backward
 
 EOD = 3
 ATOL = RTOL = 1e-5

@@ -8,11 +8,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from data.packing import DocumentPacking
+from data.packing import DocumentPacking, window_inputs
 from data.synthetic import SyntheticCorpus
 from model.moe import MoELayer
 from model.routers import RouterOutput
-from train.step import lm_loss, window_inputs
+from parallel.loss import lm_loss
 
 
 @torch.no_grad()

@@ -18,14 +18,12 @@ import torch.distributed as dist
 from model.config import ConfigError
 from parallel.memory import GIB, MemoryPlan, plan_memory
 from parallel.mesh import ParallelDims
-from train.config import Config
+from train.config import Config, micro_batches_per_step
 from train.step import use_bf16_autocast
 
 
 def plan_for(cfg: Config, world_size: int, device_type: str) -> MemoryPlan:
     """The memory plan of cfg on a world of `world_size` ranks of `device_type` (meta tensors only)."""
-    from train.trainer import micro_batches_per_step
-
     dims = ParallelDims.from_config(cfg.parallel, world_size)
     tc = cfg.train
     return plan_memory(

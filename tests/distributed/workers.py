@@ -15,10 +15,11 @@ from parallel import parallelize
 from parallel.activation_checkpoint import apply_activation_checkpointing
 from parallel.config import ParallelConfig
 from parallel.grads import GradSync, full_tensors
+from parallel.loss import lm_loss, loss_context
 from parallel.mesh import init_parallel
 from train.config import OptimConfig
 from train.optim import build_optimizer
-from train.step import lm_loss, loss_context, train_step
+from train.step import train_step
 
 # fp32 everywhere; the parallel model sums the same numbers in a different order (all-reduce, split matmuls).
 RTOL, ATOL = 1e-4, 1e-5
