@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
-from model.routers import Router
 
 from model.config import BalanceTerm, EtrConfig, ModelConfig, MoEConfig, RouterConfig
+from model.routers import Router
 from model.transformer import Decoder
 from parallel.activation_checkpoint import apply_activation_checkpointing, is_checkpointed
 from parallel.saved_tensors import SavedActivationBytes
