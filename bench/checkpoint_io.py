@@ -22,9 +22,10 @@ from bench.report import add_out_argument, print_table, write_results
 from model.transformer import Decoder
 from parallel.config import ParallelConfig
 from parallel.mesh import init_parallel
-from train.checkpoint import Checkpointer, init_optimizer_state, load_training_state, read_meta
+from train.checkpoint import Checkpointer, init_optimizer_state, load_training_state
 from train.checkpoint_integrity import shard_checksums, verify_checksums
-from train.config import load_config
+from train.checkpoint_meta import read_meta
+from train.config_load import load_config
 from train.optim import build_optimizer
 
 

@@ -72,7 +72,7 @@ def time_loader(data, global_batch_size: int, seq_len: int, seconds: float = 3.0
 
 def time_training(config: str, overrides: list[str], run_dir: Path) -> float:
     """Median tokens/s of the logged intervals after the first (which includes warm-up)."""
-    from train.config import load_config
+    from train.config_load import load_config
     from train.trainer import run
 
     cfg = load_config(ROOT / config, overrides)
@@ -93,7 +93,7 @@ def main() -> None:
     add_out_argument(p)
     args = p.parse_args()
     from data.loader import build_data
-    from train.config import load_config
+    from train.config_load import load_config
 
     inputs = sorted(Path(args.data_dir).glob("*.txt"))
     if not inputs:

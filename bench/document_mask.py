@@ -60,7 +60,7 @@ def _windows(stream: np.ndarray, rows: int, seq_len: int) -> np.ndarray:
 def measure_case(case: str, args: argparse.Namespace, device: torch.device) -> dict:
     from data.packing import DocumentPacking
     from model.transformer import Decoder
-    from train.config import load_config
+    from train.config_load import load_config
     from train.optim import build_optimizer
     from train.step import autocast_context, train_step
 

@@ -144,7 +144,7 @@ def run_variant(name: str, steps: int, layers: int, window: int, run_dir: Path) 
     import torch
 
     from data.loader import build_data
-    from train.config import load_config
+    from train.config_load import load_config
     from train.trainer import run
 
     _, overrides = VARIANTS[name]

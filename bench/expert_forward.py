@@ -113,9 +113,10 @@ def checkpoint_routing(step_dir: Path, num_tokens: int) -> tuple[list[np.ndarray
     from parallel.config import ParallelConfig
     from parallel.mesh import init_parallel
     from tools.routing_report import find_checkpoint
-    from train.checkpoint import load_training_state, read_meta
+    from train.checkpoint import load_training_state
+    from train.checkpoint_meta import read_meta
     from train.config import Config as RunConfig
-    from train.config import build
+    from train.config_load import build
 
     step_dir = find_checkpoint(step_dir)
     meta = read_meta(step_dir)

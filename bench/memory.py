@@ -78,7 +78,7 @@ def worker(rank: int, world: int, port: int, job: dict, out_dir: str) -> None:
         from parallel import parallelize
         from parallel.grads import GradSync
         from parallel.mesh import init_parallel
-        from train.config import load_config
+        from train.config_load import load_config
         from train.optim import build_optimizer
         from train.step import local_forward_backward, train_step
 

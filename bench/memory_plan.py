@@ -51,7 +51,7 @@ def peak_rss() -> int:
 
 
 def load(config: str, seq_len: int, micro_batch: int):
-    from train.config import load_config
+    from train.config_load import load_config
 
     overrides = ["model.num_layers=2", f"data.seq_len={seq_len}", f"train.micro_batch_size={micro_batch}"]
     overrides += [f"train.global_batch_size={micro_batch}", "train.device=cpu"]
@@ -120,7 +120,7 @@ def plan_small(config: str, seq_len: int, micro_batch: int) -> float:
 
 
 def plan_7b() -> dict[str, dict]:
-    from train.config import load_config
+    from train.config_load import load_config
     from train.memory import plan_for, planned_world_size
 
     plans = {}

@@ -55,7 +55,7 @@ def run_preset(name: str, steps: int, warmup: int, device_name: str, compiled: b
     from data.loader import build_data
     from model.transformer import Decoder
     from parallel.mesh import init_parallel
-    from train.config import load_config
+    from train.config_load import load_config
     from train.optim import build_optimizer
     from train.step import autocast_context, train_step
 

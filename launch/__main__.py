@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     from launch import plan
-    from train.config import load_config
+    from train.config_load import load_config
 
     try:
         cfg = load_config(args.config, args.overrides)

@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import train.config
+import train.memory_fit
 from data.indexed import IndexedDatasetWriter
 from launch.__main__ import main as launch_main
 from train.__main__ import main as train_main
-from train.config import Config, load_config
+from train.config import Config
+from train.config_load import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs/tiny-cpu.yaml"
@@ -274,7 +275,7 @@ def test_config_file_that_is_not_utf8(tmp_path, capsys):
     ],
 )
 def test_sizes_that_cannot_fit_fail_at_validation(tmp_path, capsys, monkeypatch, override, key, what):
-    monkeypatch.setattr(train.config, "available_memory_bytes", lambda: 16 * 2**30)
+    monkeypatch.setattr(train.memory_fit, "available_memory_bytes", lambda: 16 * 2**30)
     line = _one_line(capsys, train_main([str(TINY), override, f"train.run_dir={tmp_path / 'run'}"]))
     assert line.startswith(f"config error: {key}: ") and what in line
     assert line.endswith("more than the 16.0 GiB of memory available; lower it")

@@ -15,8 +15,10 @@ import torch
 
 from model.transformer import Decoder
 from parallel.mesh import init_parallel
-from train.checkpoint import CheckpointError, latest_checkpoint, load_training_state, read_meta
-from train.config import load_config
+from train.checkpoint import load_training_state
+from train.checkpoint_meta import latest_checkpoint, read_meta
+from train.checkpoint_safety import CheckpointError
+from train.config_load import load_config
 from train.trainer import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +71,7 @@ def test_resume_restores_the_router_state_no_gradient_moves(tmp_path):
         assert 0.5 <= layer["etr_capacity_factor"] <= 1.5
     split = tmp_path / "split"
     run(_cfg(split, "train.exit_at_step=4", *ROUTER_STATE))
-    from train.checkpoint import SafeFileSystemReader
+    from train.checkpoint_meta import SafeFileSystemReader
 
     keys = SafeFileSystemReader(split / "checkpoints" / "step_00000004").read_metadata().state_dict_metadata
     assert any(k.endswith("router.expert_bias_E") for k in keys) and any(k.endswith("router.etr_state") for k in keys)

@@ -15,18 +15,12 @@ import pytest
 import torch
 
 from model.transformer import Decoder
+from parallel.config import ParallelConfig
 from parallel.mesh import init_parallel
-from train.checkpoint import (
-    KILL_AT_ENV,
-    Checkpointer,
-    CheckpointError,
-    complete_steps,
-    find_latest,
-    latest_checkpoint,
-    load_training_state,
-    read_meta,
-)
-from train.config import ParallelConfig, load_config
+from train.checkpoint import KILL_AT_ENV, Checkpointer, load_training_state
+from train.checkpoint_meta import complete_steps, find_latest, latest_checkpoint, read_meta
+from train.checkpoint_safety import CheckpointError
+from train.config_load import load_config
 from train.optim import build_optimizer
 from train.step import state_is_finite, train_step
 from train.trainer import NonFiniteStateError, run

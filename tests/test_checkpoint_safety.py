@@ -23,9 +23,11 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 from model.transformer import Decoder
 from parallel.mesh import init_parallel
 from tools.hf.export import export
-from train.checkpoint import Checkpointer, CheckpointError, init_optimizer_state, load_training_state, read_meta
+from train.checkpoint import Checkpointer, init_optimizer_state, load_training_state
 from train.checkpoint_integrity import shard_checksums
-from train.config import load_config
+from train.checkpoint_meta import read_meta
+from train.checkpoint_safety import CheckpointError
+from train.config_load import load_config
 from train.optim import build_optimizer
 from train.trainer import run
 

@@ -13,8 +13,9 @@ import yaml
 import train.trainer
 from data.errors import DataError
 from train.__main__ import main
-from train.config import Config, config_yaml, load_config
+from train.config import Config
 from train.config_help import config_keys, first_sentence
+from train.config_load import config_yaml, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny-cpu.yaml")

@@ -11,7 +11,7 @@ from data.packing import DocumentPacking
 from model.config import ConfigError
 from model.transformer import Decoder
 from parallel.compile import apply_compile
-from train.config import load_config
+from train.config_load import load_config
 
 # fp32 tolerance of compiled vs eager: inductor fuses and reorders reductions (RMSNorm, softmax, SwiGLU), so
 # results differ by rounding only: measured ~1e-8 absolute on the gradients of this model.

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from model.config import ConfigError
-from train.config import load_config
+from train.config_load import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "configs").glob("*.yaml"))

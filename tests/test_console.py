@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from train.config import load_config
+from train.config_load import load_config
 from train.trainer import format_line, run
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ from data.loader import build_data
 from model.experts import FFNExperts, LoopedSwiGLU, _grouped_mm_usable
 from model.transformer import Decoder
 from parallel.compile import apply_compile
-from train.config import load_config
+from train.config_load import load_config
 from train.optim import build_optimizer
 from train.step import autocast_context, train_step
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from data.config import DataConfig, SyntheticConfig
 from data.loader import ShuffledSampler, WindowDataset, build_data
 from data.synthetic import SyntheticCorpus
 from data.text import EOD_ID, encode_documents, read_documents
-from train.config import DataConfig, SyntheticConfig
 
 
 def empirical_conditional_entropy(stream: np.ndarray) -> float:

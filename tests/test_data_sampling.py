@@ -11,11 +11,12 @@ import torch
 import yaml
 
 from data.blend import BlendSchedule
+from data.config import DataConfig, DatasetConfig
 from data.indexed import IndexedDatasetWriter
 from data.loader import build_data
 from data.sources import TokenStream, split_by_document
 from model.config import ConfigError
-from train.config import DataConfig, DatasetConfig, load_config
+from train.config_load import load_config
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
 

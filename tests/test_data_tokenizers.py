@@ -16,7 +16,7 @@ from model.config import ConfigError
 from tests.test_data_pipeline import make_docs, write_text
 from tests.tokenizer_files import KINDS, ROUND_TRIP_TEXTS, TIKTOKEN_MERGED, tokenizer_of_kind, write_tiktoken
 from tools import train_tokenizer
-from train.config import load_config
+from train.config_load import load_config
 
 
 @pytest.fixture(scope="module")

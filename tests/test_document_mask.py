@@ -192,7 +192,7 @@ def test_gradient_accumulation_equals_one_batch_with_the_global_token_mean(mask_
 def test_training_run_with_every_document_option(tmp_path, capsys):
     from pathlib import Path
 
-    from train.config import load_config
+    from train.config_load import load_config
     from train.trainer import run
 
     corpus = tmp_path / "docs.txt"

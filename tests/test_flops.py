@@ -13,7 +13,8 @@ from model.config import ModelConfig, MoEConfig
 from model.moe import RoutingStats
 from parallel.config import ParallelConfig
 from parallel.mesh import init_parallel
-from train.config import Config, LoggingConfig, TrainConfig, load_config
+from train.config import Config, LoggingConfig, TrainConfig
+from train.config_load import load_config
 from train.flops import device_peak_tflops, flops_per_token, peak_tflops
 from train.metrics import MetricsLogger
 from train.step import StepResult

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.config import load_config
+from train.config_load import load_config
 from train.trainer import run
 
 ROOT = Path(__file__).resolve().parents[1]

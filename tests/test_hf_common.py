@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from data.config import DataConfig
 from model.config import ModelConfig, MoEConfig, RouterConfig
 from model.transformer import Decoder
 from tools.hf.checkpoint_io import world_of_one
 from train.checkpoint import Checkpointer
-from train.config import Config, DataConfig
+from train.config import Config
 from train.optim import build_optimizer
 
 # Before transformers is imported (it reads this once): the tests never touch the network.

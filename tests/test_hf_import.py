@@ -16,8 +16,9 @@ from tools.hf.export import export
 from tools.hf.import_config import HFImportError
 from tools.hf.importer import import_hf
 from tools.hf.layouts import STASH_KEY
-from train.checkpoint import read_meta
-from train.config import Config, build, load_config
+from train.checkpoint_meta import read_meta
+from train.config import Config
+from train.config_load import build, load_config
 
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")

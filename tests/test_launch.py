@@ -18,7 +18,7 @@ from launch.command import node_command
 from launch.plan import resolve_node_rank
 from launch.rendezvous import is_rendezvous_failure
 from model.config import ConfigError
-from train.config import load_config
+from train.config_load import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TWO_NODES = str(ROOT / "configs/tiny-cpu-2node.yaml")

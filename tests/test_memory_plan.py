@@ -18,7 +18,8 @@ from parallel.config import ParallelConfig
 from parallel.memory import ActivationEstimate, plan_memory
 from parallel.mesh import ParallelDims
 from parallel.saved_tensors import SavedActivationBytes
-from train.config import OptimConfig, load_config
+from train.config import OptimConfig
+from train.config_load import load_config
 from train.memory import check_fits
 from train.optim import build_optimizer
 from train.step import lm_loss

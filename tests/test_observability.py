@@ -15,7 +15,8 @@ from model.transformer import Decoder
 from parallel.config import ParallelConfig
 from parallel.mesh import init_parallel
 from train.checkpoint import Checkpointer
-from train.config import WandbConfig, load_config
+from train.config import WandbConfig
+from train.config_load import load_config
 from train.metrics import MetricsLogger, flatten_for_wandb
 from train.optim import build_optimizer
 

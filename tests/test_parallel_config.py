@@ -5,7 +5,8 @@ import pytest
 from model.config import ConfigError
 from parallel.config import ParallelConfig
 from parallel.mesh import ParallelDims
-from train.config import load_config, micro_batches_per_step
+from train.config import micro_batches_per_step
+from train.config_load import load_config
 
 
 def test_dp_defaults_to_world_over_tp_pp():

@@ -14,7 +14,7 @@ from model.routers import EtrRouter, Router, build_router
 from model.routers.capacity import expert_choice_mask
 from model.routers.etr import grap_vectors
 from model.transformer import Decoder
-from train.config import load_config
+from train.config_load import load_config
 from train.step import after_optimizer_step
 
 TOL = dict(atol=1e-6, rtol=1e-5)

@@ -12,8 +12,10 @@ import pytest
 from model.transformer import Decoder
 from parallel.init import build_model
 from parallel.mesh import init_parallel
-from train.checkpoint import latest_checkpoint, load_training_state
-from train.config import OptimConfig, load_config
+from train.checkpoint import load_training_state
+from train.checkpoint_meta import latest_checkpoint
+from train.config import OptimConfig
+from train.config_load import load_config
 from train.optim import lr_at
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -61,7 +61,7 @@ class TextTokenizer:
 
 def find_checkpoint(path: Path) -> Path:
     """A step directory from a step, checkpoints or run directory."""
-    from train.checkpoint import META_FILE, latest_checkpoint
+    from train.checkpoint_meta import META_FILE, latest_checkpoint
 
     if (path / META_FILE).is_file():
         return path
@@ -126,7 +126,7 @@ def load_model(step_dir: Path, config: dict[str, Any]) -> Decoder:
     from parallel.config import ParallelConfig
     from parallel.mesh import init_parallel
     from train.checkpoint import load_training_state
-    from train.config import build
+    from train.config_load import build
 
     model_cfg = build(ModelConfig, config["model"], "model.")
     moe_cfg = build(MoEConfig, config["moe"], "moe.")
@@ -337,7 +337,7 @@ def report(
     groups: bool = False,
 ) -> str:
     """The report as text (and the plot written to `plot`, when given)."""
-    from train.checkpoint import read_meta
+    from train.checkpoint_meta import read_meta
 
     step_dir = find_checkpoint(checkpoint)
     config = read_meta(step_dir)["config"]
@@ -400,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         "continuation pieces vs punctuation (sentencepiece only)",
     )
     args = p.parse_args(argv)
-    from train.checkpoint import CheckpointError
+    from train.checkpoint_safety import CheckpointError
 
     try:
         print(

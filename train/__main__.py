@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         config_path, overrides, flags, device_gib = _parse(argv)
     except UsageError as e:
         return _error(str(e))
-    from train.config import config_yaml, load_config
+    from train.config_load import config_yaml, load_config
 
     try:
         cfg = load_config(config_path, overrides)

@@ -28,7 +28,8 @@ from parallel.data_parallel import check_mixed_precision
 from parallel.grads import GradSync
 from parallel.init import build_model
 from parallel.mesh import ParallelContext, init_parallel
-from train.checkpoint import Checkpointer, check_compatible, find_latest, load_training_state, read_meta
+from train.checkpoint import Checkpointer, load_training_state
+from train.checkpoint_meta import check_compatible, find_latest, read_meta
 from train.config import Config, micro_batches_per_step
 from train.evaluate import evaluate, evaluate_pipeline
 from train.flops import device_peak_tflops, flops_per_token, tflops_per_device

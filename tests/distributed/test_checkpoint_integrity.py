@@ -18,7 +18,8 @@ def refuse_damaged_shard(rank: int, world: int, ckpt_dir: str, damaged: str) -> 
     from parallel import parallelize
     from parallel.config import ParallelConfig
     from parallel.mesh import init_parallel
-    from train.checkpoint import CheckpointError, load_training_state
+    from train.checkpoint import load_training_state
+    from train.checkpoint_safety import CheckpointError
 
     ctx = init_parallel(ParallelConfig(ep=2), "cpu")
     mcfg, moecfg = workers.tiny_model_configs()

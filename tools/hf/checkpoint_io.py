@@ -14,8 +14,10 @@ from model.config import ModelConfig, MoEConfig
 from model.errors import UserError
 from model.transformer import Decoder
 from parallel.mesh import ParallelContext, ParallelDims
-from train.checkpoint import Checkpointer, init_optimizer_state, latest_checkpoint, load_training_state, read_meta
-from train.config import Config, build
+from train.checkpoint import Checkpointer, init_optimizer_state, load_training_state
+from train.checkpoint_meta import latest_checkpoint, read_meta
+from train.config import Config
+from train.config_load import build
 from train.optim import build_optimizer
 
 

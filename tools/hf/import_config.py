@@ -9,7 +9,7 @@ from typing import Any
 from model.config import ConfigError, ModelConfig, MoEConfig, RouterConfig
 from model.errors import UserError
 from tools.hf.layouts import MIXTRAL, OWN, RELEASE, STASH_KEY, hf_config
-from train.config import build
+from train.config_load import build
 
 
 class HFImportError(UserError):

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import torch
 
+from data.config import DataConfig
 from model.transformer import Decoder
 from tools.hf.checkpoint_io import ConversionError, save_checkpoint
 from tools.hf.import_config import our_config
 from tools.hf.safetensors_io import ShardedReader
 from tools.hf.weights import weight_rules
-from train.config import Config, DataConfig
+from train.config import Config
 
 
 def fill_from_hf(model: Decoder, hf: Mapping[str, torch.Tensor], layout: str) -> list[str]:
