@@ -85,6 +85,12 @@ class TrainConfig:
                 f"must be in [1, train.max_steps={self.max_steps}] or null, got {self.exit_at_step}",
             )
         require(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
+        require(
+            not (self.compile and self.activation_checkpointing == "full"),
+            "train.activation_checkpointing",
+            "full does not compose with train.compile (a checkpointed block would run uncompiled); use moe or "
+            "attention, or set train.compile=false",
+        )
         if self.resume not in ("auto", "never"):
             require(
                 Path(self.resume).is_dir(),
