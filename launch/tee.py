@@ -38,7 +38,8 @@ def start(log_path: Path, rendezvous_message: str | None = None) -> tuple[subpro
         pass_fds=(out_r, err_r),
         stdin=subprocess.DEVNULL,
         # Ignored before the interpreter starts (an ignored signal stays ignored across exec), so a signal that
-        # arrives while it starts up cannot kill it; a session of its own keeps the terminal's Ctrl-C for torchrun.
+        # arrives while it starts up cannot kill it; its own process group (start_new_session) leaves the
+        # terminal's Ctrl-C to torchrun.
         preexec_fn=_ignore_stop_signals,
         start_new_session=True,
     )
